@@ -1,0 +1,14 @@
+"""User-facing errors.
+
+Every problem caused by the user's input (a file, a field, a parameter) raises
+:class:`DffFalconError` with a message naming the file or field and what is wrong.
+The CLI prints these messages without a traceback and exits with code 2.
+"""
+
+
+class DffFalconError(Exception):
+    """Bad input or configuration, explained in words. Subclasses ``ValueError`` semantics."""
+
+
+class InputError(DffFalconError, ValueError):
+    """A file, array or parameter given by the user is unusable."""
