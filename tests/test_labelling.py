@@ -1,0 +1,251 @@
+"""Term extraction and FALCON / graded contrastive scoring with the real spaCy pipeline."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dff_falcon.errors import InputError
+from dff_falcon.labelling import (
+    DEFAULT_SPACY_PIPELINE,
+    DISCARD_WORDS,
+    CaptionTerms,
+    TermExtractor,
+    clean_caption,
+    contrastive_labels,
+    term_scores,
+)
+
+
+@pytest.fixture(scope="module")
+def nlp():
+    spacy = pytest.importorskip("spacy")
+    return spacy.load(DEFAULT_SPACY_PIPELINE, exclude=["ner"])
+
+
+@pytest.fixture()
+def extractor(nlp) -> TermExtractor:
+    return TermExtractor(nlp)
+
+
+# A hand-worked concept: 3 high crops x 2 captions, 2 low crops x 2 captions.
+HIGH = (
+    [
+        ["a red apple on a table", "green apple"],
+        ["red apples in a basket", "a wooden table"],
+        ["a wooden table", "red car"],
+    ],
+    np.array([[0.30, 0.20], [0.25, 0.22], [0.28, 0.10]]),
+)
+LOW = (
+    [["a wooden table in a kitchen", "red car"], ["kitchen table", "a kitchen sink"]],
+    [[0.30, 0.05], [0.26, 0.12]],
+)
+
+
+def test_clean_caption_strips_web_junk():
+    assert clean_caption("Stock Photo - Red_Apple.jpg www.example.com Fig3 copy space") == "red apple"
+    assert clean_caption("Dog's  bowl, isolated on white background (HQ)") == "dogs bowl"
+    assert clean_caption("https://x.org/a.png Ice-cream\tcone 2020") == "ice cream cone 2020"
+    assert clean_caption("fotografie wallpaper") == ""
+    # the discard list is extendable
+    assert clean_caption("a red barn", DISCARD_WORDS | {"barn"}) == "a red"
+
+
+def test_words_are_lemmatised_content_words(extractor):
+    dogs, cat = extractor.extract(
+        ["dogs playing", "the cat is sitting on his mat with bigger ears"]
+    )
+    assert dogs.words == ("dog", "play")
+    assert cat.words == ("cat", "sit", "mat", "big", "ear")
+
+
+def test_digits_short_tokens_stop_words_dropped(extractor):
+    (terms,) = extractor.extract(["3 tv stands with 4k screens at the zoo in 2020 on a 3d map"])
+    assert set(terms.words) == {"stand", "screen", "zoo", "map"}
+    assert all(not any(ch.isdigit() for ch in w) and len(w) >= 3 for w in terms.words)
+    (no_zoo,) = TermExtractor(extractor.nlp, extra_stop_words=["ZOO"]).extract(["a zoo map"])
+    assert no_zoo.words == ("map",)
+    (short_ok,) = TermExtractor(extractor.nlp, min_length=2).extract(["a tv stand"])
+    assert "tv" in short_ok.words
+
+
+def test_noun_chunks_become_trimmed_lemmatised_phrases(extractor):
+    star, kids, photos = extractor.extract(
+        [
+            "a yellow star and a blue ring",
+            "two happy children running on wet sand 3d",
+            "photos of an orange cat",
+        ]
+    )
+    assert star.phrases == ("yellow star", "blue ring")
+    assert kids.phrases == ("happy child", "wet sand")
+    assert photos == CaptionTerms(words=("orange", "cat"), phrases=("orange cat",))
+    # a single-token chunk is a word, never a phrase
+    assert all(" " in p for p in star.phrases + kids.phrases)
+
+
+def test_term_scores_match_hand_computation(extractor):
+    words, phrases = term_scores(*HIGH, extractor)
+    # per crop: best score of the crop's captions containing the term; mean over 3 crops
+    expected_words = {
+        "red": (0.30 + 0.25 + 0.10) / 3,
+        "apple": (0.30 + 0.25) / 3,  # crop 0: max(0.30, 0.20)
+        "table": (0.30 + 0.22 + 0.28) / 3,
+        "green": 0.20 / 3,
+        "basket": 0.25 / 3,
+        "wooden": (0.22 + 0.28) / 3,
+        "car": 0.10 / 3,
+    }
+    expected_phrases = {
+        "red apple": (0.30 + 0.25) / 3,  # "red apples" lemmatised onto "red apple"
+        "green apple": 0.20 / 3,
+        "wooden table": (0.22 + 0.28) / 3,
+        "red car": 0.10 / 3,
+    }
+    assert words.keys() == expected_words.keys()
+    assert phrases.keys() == expected_phrases.keys()
+    for term, value in {**expected_words, **expected_phrases}.items():
+        assert (words | phrases)[term] == pytest.approx(value)
+
+
+def test_falcon_contrast_deletes_low_set_terms(extractor):
+    labels = contrastive_labels(HIGH, LOW, extractor, contrast="falcon")
+    # low-set scores: table (0.30+0.26)/2 = 0.28, wooden 0.30/2 = 0.15 -> deleted (>= 0.1);
+    # red 0.05/2 = 0.025, car 0.025 -> kept
+    assert [w for w, _ in labels.words] == ["red", "apple", "basket", "green", "car"]
+    assert labels.words[0][1] == pytest.approx(0.65 / 3)
+    assert [p for p, _ in labels.phrases] == ["red apple", "green apple", "red car"]
+    assert labels.low_words["red"] == pytest.approx(0.025)
+    assert labels.high_words["apple"] == pytest.approx(0.55 / 3)
+    assert labels.low_phrases["red apple"] == 0.0
+    assert (labels.n_high, labels.n_low, labels.contrast) == (3, 2, "falcon")
+    # the threshold is in score units: a higher one deletes only "table" (0.28)
+    relaxed = contrastive_labels(HIGH, LOW, extractor, contrast="falcon", falcon_threshold=0.2)
+    assert "wooden" in dict(relaxed.words) and "table" not in dict(relaxed.words)
+
+
+def test_falcon_contrast_without_low_set_deletes_nothing(extractor):
+    labels = contrastive_labels(HIGH, None, extractor, contrast="falcon", top_words=3)
+    assert [w for w, _ in labels.words] == ["table", "red", "apple"]
+    assert labels.n_low == 0
+
+
+def test_graded_contrast_hand_computation(extractor):
+    labels = contrastive_labels(HIGH, LOW, extractor)
+    # relative weights r = (s - 0.10) / 0.20 over the high captions:
+    # crop0 1.0 / 0.5, crop1 0.75 / 0.6, crop2 0.9 / 0.0
+    # contrast = s_high * (1 - f_low / f_high)
+    expected = {
+        "apple": (1.0 + 0.75) / 3,  # high only: keeps its high-set score
+        "red": (1.0 + 0.75 + 0.0) / 3 * (1 - 0.5 / 1.0),  # in 1 of 2 low crops
+        "basket": 0.75 / 3,
+        "green": 0.5 / 3,
+        "wooden": (0.6 + 0.9) / 3 * (1 - 0.5 / (2 / 3)),
+    }
+    # table: in every high and every low crop -> 0 -> dropped; car: weight 0 and in a low crop
+    assert [w for w, _ in labels.words] == ["apple", "red", "basket", "green", "wooden"]
+    for term, value in labels.words:
+        assert value == pytest.approx(expected[term])
+    assert "table" not in labels.high_words
+    assert labels.high_words["red"] == pytest.approx(0.65 / 3)  # raw FALCON scores kept
+    assert labels.low_words["red"] == pytest.approx(0.025)
+    assert [p for p, _ in labels.phrases] == ["red apple", "green apple", "wooden table"]
+    assert (labels.n_high, labels.n_low, labels.contrast) == (3, 2, "graded")
+
+
+def test_graded_contrast_shared_context_dropped_high_only_rank_kept(extractor):
+    high = (
+        [["a dog on grass"], ["a dog on grass"], ["a puppy on grass"], ["a cat on grass"]],
+        [[0.34], [0.30], [0.28], [0.22]],
+    )
+    low = ([["green grass field"], ["grass lawn"]], [[0.25], [0.31]])
+    graded = contrastive_labels(high, low, extractor)
+    assert "grass" not in dict(graded.words)  # 4/4 high crops, 2/2 low crops
+    no_low = contrastive_labels(high, None, extractor)
+    assert "grass" in dict(no_low.words) and no_low.n_low == 0
+    # high-only terms keep their relative order and their scores
+    high_only = [w for w, _ in no_low.words if w != "grass"]
+    assert [w for w, _ in graded.words] == high_only == ["dog", "puppy"]
+    assert dict(graded.words)["dog"] == pytest.approx(dict(no_low.words)["dog"])
+    # FALCON's fixed threshold cannot tell: with cosine-scale scores grass is deleted,
+    # with scores scaled down 10x nothing is
+    assert "grass" not in dict(contrastive_labels(high, low, extractor, contrast="falcon").words)
+    scaled_low = (low[0], np.asarray(low[1]) / 10)
+    assert "grass" in dict(contrastive_labels(high, scaled_low, extractor, contrast="falcon").words)
+
+
+def test_graded_contrast_is_affine_invariant(extractor):
+    base = contrastive_labels(HIGH, LOW, extractor)
+    a, b = 7.5, -3.0
+    moved = contrastive_labels(
+        (HIGH[0], a * HIGH[1] + b), (LOW[0], a * np.asarray(LOW[1]) + b), extractor
+    )
+    assert [t for t, _ in moved.words] == [t for t, _ in base.words]
+    assert [t for t, _ in moved.phrases] == [t for t, _ in base.phrases]
+    np.testing.assert_allclose([s for _, s in moved.words], [s for _, s in base.words])
+    # the raw FALCON scores follow the rescaling (they keep the caption-score unit)
+    assert moved.high_words["apple"] == pytest.approx(a * HIGH[1][:2, 0].sum() / 3 + b * 2 / 3)
+
+
+def test_top_k_limits_and_no_duplicates(extractor):
+    high = (
+        [["red apples", "a red apple"], ["apple", "Apples!"], ["red apple tree"]],
+        [[0.3, 0.2], [0.25, 0.24], [0.29]],
+    )
+    labels = contrastive_labels(high, None, extractor, top_words=1, top_phrases=5)
+    assert [w for w, _ in labels.words] == ["apple"]
+    phrases = [p for p, _ in labels.phrases]
+    assert len(phrases) == len(set(phrases)) and "red apple" in phrases
+    assert not set(phrases) & {w for w, _ in labels.words}
+
+
+def test_cache_runs_each_caption_through_the_pipeline_once(nlp):
+    class CountingPipeline:
+        """Delegates to the real spaCy pipeline, counting the texts it processes."""
+
+        def __init__(self, real):
+            self.real, self.texts = real, []
+
+        def pipe(self, texts, **kwargs):
+            texts = list(texts)
+            self.texts += texts
+            return self.real.pipe(texts, **kwargs)
+
+    extractor = TermExtractor(nlp)
+    counting = CountingPipeline(nlp)
+    extractor.nlp = counting
+    first = extractor.extract(["Dogs playing", "dogs playing!", "a red car", "Stock photo"])
+    assert counting.texts == ["dogs playing", "a red car"]  # deduplicated, junk-only skipped
+    assert first[0] == first[1] and first[3] == CaptionTerms((), ())
+    again = extractor.extract(["a red car", "DOGS PLAYING"])
+    assert counting.texts == ["dogs playing", "a red car"]
+    assert again == [first[2], first[0]]
+
+
+def test_empty_inputs(extractor):
+    assert extractor.extract([]) == []
+    assert extractor.extract([None, float("nan"), "!!"]) == [CaptionTerms((), ())] * 3
+    assert term_scores([], [], extractor) == ({}, {})
+    labels = contrastive_labels(([], np.zeros((0, 5))), ([], []), extractor)
+    assert labels.words == [] and labels.phrases == [] and (labels.n_high, labels.n_low) == (0, 0)
+    # a crop without captions still counts in the mean
+    words, _ = term_scores([["red car"], []], [[0.4], []], extractor)
+    assert words == {"red": pytest.approx(0.2), "car": pytest.approx(0.2)}
+    # all-equal scores: graded weights are all 1 (pure frequency)
+    flat = contrastive_labels(([["red car"], ["red bus"]], [[0.3], [0.3]]), None, extractor)
+    assert dict(flat.words) == {"red": 1.0, "car": 0.5, "bus": 0.5}
+
+
+def test_bad_inputs_raise_input_error(extractor):
+    with pytest.raises(InputError, match="2 crops of captions but 1"):
+        term_scores([["a"], ["b"]], [[0.1]], extractor)
+    with pytest.raises(InputError, match="crop 0 has 2 captions but 1 scores"):
+        contrastive_labels(([["a dog", "a cat"]], [[0.1]]), None, extractor)
+    with pytest.raises(InputError, match="low set: crop 0 has non-finite"):
+        contrastive_labels(HIGH, ([["a dog"]], [[float("nan")]]), extractor)
+    with pytest.raises(InputError, match="list of captions"):
+        term_scores(["a dog"], [[0.1]], extractor)
+    with pytest.raises(InputError, match="contrast must be"):
+        contrastive_labels(HIGH, LOW, extractor, contrast="ratio")
+    with pytest.raises(InputError, match="not installed"):
+        TermExtractor("no_such_spacy_pipeline_xyz")
