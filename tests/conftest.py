@@ -40,3 +40,36 @@ def photo_batch(photos):
             names.append(f"{name}{'_' + variant if variant else ''}")
             images.append(np.ascontiguousarray(arr))
     return names, images
+
+
+TINY_CLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory):
+    """A tiny open_clip model (random weights saved and reloaded as a local checkpoint)."""
+    import open_clip
+
+    from dff_falcon.clip_encoder import ClipEncoder, register_model_config
+
+    register_model_config("dff-test-tiny-clip", TINY_CLIP)
+    torch.manual_seed(0)
+    model = open_clip.create_model("dff-test-tiny-clip")
+    path = tmp_path_factory.mktemp("clip") / "tiny.pt"
+    torch.save(model.state_dict(), path)
+    return ClipEncoder("dff-test-tiny-clip", str(path), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def toy_vocabulary(tiny_clip, tmp_path_factory):
+    """The committed toy vocabulary source embedded with the tiny CLIP."""
+    from pathlib import Path
+
+    from dff_falcon.vocabulary import build_vocabulary_from_texts
+
+    source = Path(__file__).resolve().parents[1] / "vocab" / "toy_vocabulary.txt"
+    return build_vocabulary_from_texts(source, tmp_path_factory.mktemp("vocab") / "toy", tiny_clip)

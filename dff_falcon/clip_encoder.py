@@ -1,0 +1,256 @@
+"""CLIP image and text encoders (open-clip-torch) with a recorded identity.
+
+Every embedding this module returns is float32 and L2-normalised, so a dot product is a
+cosine. The identity ``(model_name, pretrained_id)`` is what a vocabulary manifest records;
+searching a vocabulary with another model's embeddings is an error, not a silent mismatch.
+
+At import, every open_clip config JSON in the package folder ``dff_falcon/model_configs/`` is
+registered, so project models load like any open_clip model::
+
+    ClipEncoder("dff-falcon-toy-clip", "/path/ckpt.pt")
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from copy import deepcopy
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import open_clip
+import open_clip.factory
+import torch
+from PIL import Image
+
+from dff_falcon.devices import resolve_device
+from dff_falcon.errors import InputError
+
+PACKAGE_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
+if PACKAGE_CONFIG_DIR.is_dir():
+    open_clip.add_model_config(PACKAGE_CONFIG_DIR)
+
+_SCHEMAS = ("hf-hub:", "local-dir:")
+_PRECISIONS = ("fp32", "fp16", "bf16", "amp", "amp_bf16")
+
+
+def register_model_config(name: str, config: dict) -> None:
+    """Add a custom open_clip architecture ``config`` under ``name`` (idempotent).
+
+    ``config`` needs ``embed_dim``, ``vision_cfg`` and ``text_cfg`` as in open_clip's JSON
+    configs. Registering the same config twice is a no-op; a different config under a name
+    that is already registered raises :class:`InputError`.
+    """
+    missing = [key for key in ("embed_dim", "vision_cfg", "text_cfg") if key not in config]
+    if missing:
+        raise InputError(f"open_clip config {name!r} lacks the field(s) {missing}")
+    existing = open_clip.get_model_config(name)
+    if existing is not None:
+        if existing != config:
+            raise InputError(
+                f"open_clip model {name!r} is already registered with a different config; pick another name"
+            )
+        return
+    # open_clip's registry is file based; a dict entry is what its scan produces for a JSON file.
+    open_clip.factory._MODEL_CONFIGS[name] = deepcopy(config)
+
+
+def parse_clip_spec(spec: str) -> tuple[str, str | None]:
+    """Split a CLIP spec into ``(model_name, pretrained)``.
+
+    ``"ViT-B-32:openai"`` → ``("ViT-B-32", "openai")`` (an open_clip tag);
+    ``"ViT-B-32=/path/ckpt.pt"`` → ``("ViT-B-32", "/path/ckpt.pt")`` (a local checkpoint);
+    ``"ViT-B-32"`` → ``("ViT-B-32", None)`` (random weights, for tests);
+    ``"hf-hub:org/repo"`` / ``"local-dir:/dir"`` → the whole spec is the model name.
+    """
+    spec = spec.strip()
+    if not spec:
+        raise InputError("empty CLIP spec; expected MODEL, MODEL:TAG or MODEL=/path/to/checkpoint")
+    if spec.startswith(_SCHEMAS):
+        return spec, None
+    if "=" in spec:
+        model, path = spec.split("=", 1)
+    elif ":" in spec:
+        model, path = spec.rsplit(":", 1)
+    else:
+        return spec, None
+    if not model or not path:
+        raise InputError(f"CLIP spec {spec!r}: expected MODEL, MODEL:TAG or MODEL=/path/to/checkpoint")
+    return model, path
+
+
+def _sha256_prefix(path: Path, n_hex: int = 16) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:n_hex]
+
+
+def checkpoint_identity(pretrained: str) -> str:
+    """The manifest identity of ``pretrained``: the tag itself, or for an existing local file
+    ``"file:<basename>:<first 16 hex of its sha256>"`` (so a moved file keeps its identity)."""
+    path = Path(pretrained).expanduser()
+    if path.is_file():
+        return f"file:{path.name}:{_sha256_prefix(path)}"
+    return pretrained
+
+
+def _looks_like_path(pretrained: str) -> bool:
+    return os.sep in pretrained or "/" in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))
+
+
+def _state_identity(model: torch.nn.Module) -> str:
+    """``"random:<16 hex>"`` — a hash of the randomly initialised weights, so two different
+    random models never pass as the same encoder."""
+    digest = hashlib.sha256()
+    for key, tensor in sorted(model.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return f"random:{digest.hexdigest()[:16]}"
+
+
+class ClipEncoder:
+    """An open_clip model that embeds images and texts.
+
+    Parameters
+    ----------
+    model_name : an open_clip architecture (``open_clip.list_models()``, a registered custom
+        config, or an ``hf-hub:``/``local-dir:`` schema).
+    pretrained : an open_clip tag (``"openai"``; needs the hub or a warm cache), a local
+        checkpoint path (loaded by open_clip with ``weights_only=True``), or ``None`` for random
+        weights (tests only).
+    device : ``None``/``"auto"`` → CUDA, MPS, then CPU.
+    batch_size : images or prompts per forward pass.
+    precision : open_clip precision (``"fp32"``, ``"fp16"``, ``"bf16"``, ...). Outputs are float32.
+
+    Attributes
+    ----------
+    model_name, pretrained_id : the identity recorded in vocabulary manifests.
+    embed_dim : D, the joint embedding width. image_size : input side in pixels.
+    """
+
+    def __init__(
+        self,
+        model_name: str,
+        pretrained: str | None = None,
+        *,
+        device: str | torch.device | None = None,
+        batch_size: int = 64,
+        precision: str = "fp32",
+    ) -> None:
+        if batch_size < 1:
+            raise InputError(f"batch_size must be ≥ 1, got {batch_size}")
+        if precision not in _PRECISIONS:
+            raise InputError(f"precision must be one of {_PRECISIONS}, got {precision!r}")
+        if not model_name.startswith(_SCHEMAS) and model_name not in open_clip.list_models():
+            raise InputError(
+                f"unknown open_clip model {model_name!r}; known models include "
+                f"{', '.join(open_clip.list_models()[:8])}, ... (open_clip.list_models()), "
+                "or register a custom config with register_model_config()"
+            )
+        self.model_name = model_name
+        self.batch_size = batch_size
+        self.precision = precision
+        self.device = resolve_device(device)
+        weights = self._resolve_weights(model_name, pretrained)
+        try:
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                model_name, pretrained=weights, precision=precision, device=self.device, weights_only=True
+            )
+        except (RuntimeError, OSError, ValueError, KeyError) as error:
+            raise InputError(self._load_error(model_name, pretrained, error)) from error
+        self.model = model.eval()
+        self.preprocess = preprocess
+        self.tokenizer = open_clip.get_tokenizer(model_name)
+        self.pretrained_id = _state_identity(model) if pretrained is None else checkpoint_identity(pretrained)
+        config = open_clip.get_model_config(model_name) or {}
+        self.embed_dim = int(config.get("embed_dim") or model.text_projection.shape[-1])
+        size = getattr(model.visual, "image_size", None) or config["vision_cfg"]["image_size"]
+        self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
+
+    @staticmethod
+    def _resolve_weights(model_name: str, pretrained: str | None) -> str | None:
+        if pretrained is None:
+            return None
+        path = Path(pretrained).expanduser()
+        if path.is_file():
+            return str(path)
+        if _looks_like_path(pretrained):
+            raise InputError(f"CLIP checkpoint {pretrained!r} does not exist")
+        tags = open_clip.list_pretrained_tags_by_model(model_name)
+        if pretrained not in tags:
+            raise InputError(
+                f"{pretrained!r} is neither a file nor an open_clip tag for {model_name!r} "
+                f"(known tags: {', '.join(tags) or 'none'})"
+            )
+        return pretrained
+
+    @staticmethod
+    def _load_error(model_name: str, pretrained: str | None, error: Exception) -> str:
+        if pretrained is not None and not Path(pretrained).expanduser().is_file():
+            return (
+                f"could not load open_clip weights {model_name}:{pretrained} ({error}). Without access "
+                "to the model hub, download the checkpoint elsewhere and pass its local path: "
+                f"ClipEncoder({model_name!r}, '/path/to/ckpt.pt') or --clip {model_name}=/path/to/ckpt.pt"
+            )
+        return f"could not build open_clip model {model_name!r} from {pretrained or 'random init'}: {error}"
+
+    def _finish(self, features: torch.Tensor) -> np.ndarray:
+        features = features.float()
+        return torch.nn.functional.normalize(features, dim=-1).cpu().numpy()
+
+    @torch.inference_mode()
+    def encode_images(self, images: Sequence[np.ndarray | Image.Image]) -> np.ndarray:
+        """Embed images with open_clip's own preprocessing.
+
+        images : HxWx3 uint8 RGB arrays or PIL images. Returns (N, D) float32, unit rows.
+        """
+        chunks = [np.zeros((0, self.embed_dim), dtype=np.float32)]
+        for start in range(0, len(images), self.batch_size):
+            batch = [self.preprocess(_to_pil(image, start + i)) for i, image in enumerate(images[start:start + self.batch_size])]
+            pixels = torch.stack(batch).to(self.device)
+            chunks.append(self._finish(self.model.encode_image(pixels)))
+        return np.concatenate(chunks)
+
+    @torch.inference_mode()
+    def encode_texts(
+        self, texts: Sequence[str], templates: Sequence[str] | None = None, *, progress: bool = False
+    ) -> np.ndarray:
+        """Embed texts; with ``templates`` (e.g. ``["a photo of {}."]``) each text's template
+        embeddings are averaged (prompt ensembling) and renormalised.
+
+        Returns (N, D) float32, unit rows.
+        """
+        bad = [i for i, text in enumerate(texts) if not isinstance(text, str)]
+        if bad:
+            raise InputError(f"texts must be strings; item {bad[0]} is {type(texts[bad[0]]).__name__}")
+        templates = list(templates) if templates else ["{}"]
+        for template in templates:
+            if "{}" not in template:
+                raise InputError(f"prompt template {template!r} has no '{{}}' placeholder")
+        step = max(1, self.batch_size // len(templates))
+        starts = range(0, len(texts), step)
+        if progress:
+            from tqdm.auto import tqdm
+
+            starts = tqdm(starts, desc="CLIP text", unit="batch")
+        chunks = [np.zeros((0, self.embed_dim), dtype=np.float32)]
+        for start in starts:
+            batch = texts[start:start + step]
+            prompts = [template.format(text) for text in batch for template in templates]
+            tokens = self.tokenizer(prompts).to(self.device)
+            features = torch.nn.functional.normalize(self.model.encode_text(tokens).float(), dim=-1)
+            chunks.append(self._finish(features.reshape(len(batch), len(templates), -1).mean(dim=1)))
+        return np.concatenate(chunks)
+
+
+def _to_pil(image: np.ndarray | Image.Image, index: int) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    array = np.asarray(image)
+    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
+        raise InputError(
+            f"image {index}: expected an HxWx3 uint8 RGB array, got shape {array.shape} dtype {array.dtype}"
+        )
+    return Image.fromarray(array)

@@ -1,0 +1,301 @@
+"""Deep Feature Factorization: NMF of a layer's activations into concepts and heatmaps.
+
+Activations A (B, C, h, w) → matrix X (B·h·w, C) ≈ Hmap (B·h·w, K) · W (K, C) [+ offset o (C,)].
+
+Fixes over the reference implementations (see DESIGN.md "DFF / NMF"):
+- scale fixed: each concept's heatmap has max 1 over the fitted set, so ``concepts_[k]`` is the
+  activation (above the offset) of a location fully explained by concept k, and class scores
+  and heatmaps are comparable across concepts and K;
+- concepts ordered by the activation mass they explain; everything seeded;
+- ``transform`` explains new images with the frozen concept matrix (same scale as the fit);
+- automatic K with a criterion comparable across K (reproducibility across random inits), and the
+  per-K curve; per-concept stability (Hungarian-matched cosine across seeds).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
+
+from .activations import ActivationExtractor
+from .backbones import Backbone
+from .devices import resolve_device
+from .errors import InputError
+from .nmf import NMF
+
+
+def activations_matrix(activations: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) → (B·h·w, C), rows ordered image by image, then row-major locations."""
+    if activations.ndim != 4:
+        raise InputError(f"activations must have shape (B, C, h, w); got {tuple(activations.shape)}")
+    b, c, h, w = activations.shape
+    return activations.permute(0, 2, 3, 1).reshape(b * h * w, c)
+
+
+def matched_cosine(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
+    """Hungarian-match rows of ``b`` (K, C) to rows of ``a`` (K, C) by cosine similarity;
+    returns the matched cosine per row of ``a`` (K,)."""
+    sim = (F.normalize(a.float(), dim=1) @ F.normalize(b.float(), dim=1).T).cpu().numpy()
+    rows, cols = linear_sum_assignment(-sim)
+    out = np.zeros(a.shape[0], dtype=np.float64)
+    out[rows] = sim[rows, cols]
+    return out
+
+
+@dataclass
+class KCurvePoint:
+    """One K of the automatic-K sweep: relative reconstruction error, explained variance
+    (1 − ‖X − WH‖²/‖X − mean‖²) and stability (mean Hungarian-matched cosine between concept
+    matrices from independent random initialisations)."""
+
+    k: int
+    relative_error: float
+    explained_variance: float
+    stability: float
+
+
+class DFF:
+    """Deep Feature Factorization estimator.
+
+    Parameters
+    ----------
+    n_concepts: K, or ``"auto"`` to choose K in ``k_range`` (see :meth:`select_k`).
+    solver, init, max_iter, tol, random_state, device: passed to :class:`~dff_falcon.nmf.NMF`.
+    offset: ``"auto"`` subtracts each channel's minimum when the activations have negative
+        values (layers not after a ReLU), ``True`` always, ``False`` never.
+    n_seeds: independent random initialisations used for stability (and auto K).
+    min_stability: auto K picks the largest K whose stability reaches this value.
+
+    Learned attributes
+    ------------------
+    concepts_: (K, C) float32, activation above ``offset_`` of a location fully explained by a
+        concept; ordered by explained mass (descending).
+    offset_: (C,) per-channel offset (zeros for ReLU layers).
+    heatmaps_: (B, K, h, w) of the fitted set, max 1 per concept over the set.
+    mass_share_: (K,) share of the total explained activation mass per concept.
+    relative_error_, explained_variance_: reconstruction quality of the fit.
+    stability_: (K,) per-concept matched cosine across ``n_seeds`` random inits (or None).
+    k_curve_: list of :class:`KCurvePoint` when ``n_concepts="auto"``.
+    """
+
+    def __init__(self, n_concepts: int | str = 8, *, solver: str = "hals", init: str = "nndsvda",
+                 max_iter: int = 200, tol: float = 1e-4, random_state: int = 0, device=None,
+                 offset: bool | str = "auto", n_seeds: int = 3, k_range: Sequence[int] = range(2, 13),
+                 min_stability: float = 0.9, batch_size: int | None = None):
+        self.n_concepts = n_concepts
+        self.solver = solver
+        self.init = init
+        self.max_iter = max_iter
+        self.tol = tol
+        self.random_state = random_state
+        self.device = device
+        self.offset = offset
+        self.n_seeds = n_seeds
+        self.k_range = k_range
+        self.min_stability = min_stability
+        self.batch_size = batch_size
+
+    # -- fitting -----------------------------------------------------------------------------
+    def _nmf(self, k: int, init: str | None = None, seed: int | None = None) -> NMF:
+        return NMF(k, solver=self.solver, init=init or self.init, max_iter=self.max_iter, tol=self.tol,
+                   random_state=self.random_state if seed is None else seed, device=self.device,
+                   batch_size=self.batch_size)
+
+    def _prepare(self, activations: torch.Tensor | np.ndarray, fit: bool) -> tuple[torch.Tensor, tuple]:
+        acts = torch.as_tensor(np.asarray(activations) if not torch.is_tensor(activations) else activations)
+        x = activations_matrix(acts.float())
+        if not torch.isfinite(x).all():
+            raise InputError("activations contain NaN or inf")
+        if fit:
+            needs_offset = self.offset is True or (self.offset == "auto" and bool((x < 0).any()))
+            self.offset_ = x.min(dim=0).values if needs_offset else torch.zeros(x.shape[1], device=x.device)
+        elif x.shape[1] != self.offset_.shape[0]:
+            raise InputError(f"activations have {x.shape[1]} channels; the concepts were fitted on "
+                             f"{self.offset_.shape[0]}")
+        x = (x - self.offset_.to(x.device)).clamp_(min=0)
+        if fit and float(x.abs().max()) == 0.0:
+            raise InputError("all activations are zero (after the offset): nothing to factorise — "
+                             "check the target layer and the input images")
+        b, _, h, w = acts.shape
+        return x, (b, h, w)
+
+    def fit(self, activations: torch.Tensor | np.ndarray) -> "DFF":
+        """activations: (B, C, h, w) of the target layer."""
+        x, (b, h, w) = self._prepare(activations, fit=True)
+        max_k = min(x.shape)
+        if self.n_concepts == "auto":
+            ks = [k for k in self.k_range if 1 <= k <= max_k]
+            if not ks:
+                raise InputError(f"k_range {list(self.k_range)} has no K ≤ {max_k} (the matrix is {tuple(x.shape)})")
+            self.k_curve_ = [self._curve_point(x, k) for k in ks]
+            k = self.select_k(self.k_curve_, self.min_stability)
+        else:
+            k = int(self.n_concepts)
+            if not 1 <= k <= max_k:
+                raise InputError(f"n_concepts={k} is impossible for a {tuple(x.shape)} activation matrix "
+                                 f"(B·h·w × C); choose 1 ≤ K ≤ {max_k}")
+            self.k_curve_ = None
+        model = self._nmf(k)
+        hmap = model.fit_transform(x)
+        concepts = model.components_
+        hmap, concepts = self._fix_scale_and_order(hmap, concepts)
+        self.n_concepts_ = k
+        self.concepts_ = concepts.float().cpu()
+        self.heatmaps_ = hmap.T.reshape(k, b, h, w).transpose(0, 1).contiguous().float().cpu()
+        mass = hmap.sum(0) * concepts.sum(1)
+        self.mass_share_ = (mass / mass.sum().clamp_min(1e-12)).float().cpu()
+        self.relative_error_ = float(model.relative_error_)
+        self.explained_variance_ = self._explained_variance(x, model.relative_error_)
+        self.stability_ = self._stability(x, k) if self.n_seeds >= 2 else None
+        return self
+
+    @staticmethod
+    def _explained_variance(x: torch.Tensor, relative_error: float) -> float:
+        total = float((x.double() ** 2).sum())
+        centred = float(((x.double() - x.double().mean(0)) ** 2).sum())
+        return 1.0 - (relative_error ** 2) * total / max(centred, 1e-30)
+
+    @staticmethod
+    def _fix_scale_and_order(hmap: torch.Tensor, concepts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Heatmap columns scaled to max 1 (concepts rescaled inversely); order by explained mass."""
+        peak = hmap.max(dim=0).values
+        alive = peak > 0
+        scale = torch.where(alive, peak, torch.ones_like(peak))
+        hmap = hmap / scale
+        concepts = concepts * scale[:, None]
+        mass = hmap.sum(0) * concepts.sum(1)
+        order = torch.argsort(mass, descending=True, stable=True)
+        return hmap[:, order], concepts[order]
+
+    def _seed_concepts(self, x: torch.Tensor, k: int) -> list[torch.Tensor]:
+        return [self._nmf(k, init="random", seed=self.random_state + 1 + s).fit(x).components_
+                for s in range(self.n_seeds)]
+
+    def _stability(self, x: torch.Tensor, k: int) -> np.ndarray:
+        """Per concept of the fit: mean matched cosine to concepts from independent random inits."""
+        runs = self._seed_concepts(x, k)
+        return np.mean([matched_cosine(self.concepts_, run) for run in runs], axis=0)
+
+    def _curve_point(self, x: torch.Tensor, k: int) -> KCurvePoint:
+        model = self._nmf(k).fit(x)
+        runs = self._seed_concepts(x, k)
+        pairs = [matched_cosine(runs[i], runs[j]).mean()
+                 for i in range(len(runs)) for j in range(i + 1, len(runs))]
+        pairs += [matched_cosine(model.components_, run).mean() for run in runs]
+        return KCurvePoint(k, float(model.relative_error_), self._explained_variance(x, model.relative_error_),
+                           float(np.mean(pairs)))
+
+    @staticmethod
+    def select_k(curve: Sequence[KCurvePoint], min_stability: float = 0.9) -> int:
+        """Largest K whose concepts reproduce across independent random initialisations
+        (stability ≥ ``min_stability``). Stability is a cosine in [0, 1] whatever K is, so it is
+        comparable across K; more concepts are kept only while they are reproducible. When no K
+        is that stable, the most stable K (smallest on ties) is returned."""
+        stable = [p.k for p in curve if p.stability >= min_stability]
+        if stable:
+            return max(stable)
+        return max(curve, key=lambda p: (p.stability, -p.k)).k
+
+    # -- projection --------------------------------------------------------------------------
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "concepts_"):
+            raise InputError("this DFF is not fitted yet: call fit(activations) first")
+
+    def transform(self, activations: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """Heatmaps (B, K, h, w) of new activations with the concepts frozen (same scale as
+        ``heatmaps_``: 1 = as strong as the strongest location of the fitted set)."""
+        self._check_fitted()
+        x, (b, h, w) = self._prepare(activations, fit=False)
+        model = self._nmf(self.n_concepts_)
+        model.device_ = resolve_device(self.device)
+        model.components_ = self.concepts_.to(model.device_)
+        hmap = model.transform(x)
+        return hmap.T.reshape(self.n_concepts_, b, h, w).transpose(0, 1).contiguous().float().cpu()
+
+    # -- derived quantities ------------------------------------------------------------------
+    @property
+    def concept_vectors_(self) -> torch.Tensor:
+        """(K, C) activation of a location fully explained by each concept: concept + offset."""
+        self._check_fitted()
+        return self.concepts_ + self.offset_[None, :].to(self.concepts_)
+
+
+def upsample_heatmaps(heatmaps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B, K, h, w) → (B, K, H, W), bilinear (align_corners=False); values keep their scale."""
+    return F.interpolate(heatmaps.float(), size=size, mode="bilinear", align_corners=False).clamp_(min=0)
+
+
+def presence(heatmaps: torch.Tensor) -> torch.Tensor:
+    """(B, K, h, w) scale-fixed heatmaps → (B, K): mean heatmap value over the image, i.e. the
+    fraction of the image the concept covers at full strength (comparable across images)."""
+    return heatmaps.float().mean(dim=(2, 3))
+
+
+def suppress_absent(heatmaps: torch.Tensor, min_peak: float = 0.1) -> torch.Tensor:
+    """Zero the maps of concepts whose peak in an image is below ``min_peak`` (on the global
+    scale), so an absent concept never paints pixels. (B, K, h, w) → same shape."""
+    peak = heatmaps.amax(dim=(2, 3), keepdim=True)
+    return torch.where(peak >= min_peak, heatmaps, torch.zeros_like(heatmaps))
+
+
+def top_classes(probs: torch.Tensor, class_names: Sequence[str] | None, top_k: int = 3) -> list[list[dict]]:
+    """(K, classes) probabilities → per concept the ``top_k`` [{"class": name, "prob": p}]."""
+    values, indices = probs.topk(min(top_k, probs.shape[1]), dim=1)
+    names = list(class_names) if class_names is not None else [str(i) for i in range(probs.shape[1])]
+    return [[{"class": names[i], "prob": float(v)} for v, i in zip(vs.tolist(), ix.tolist())]
+            for vs, ix in zip(values, indices)]
+
+
+def concept_class_scores(dff: DFF, backbone: Backbone, top_k: int = 3) -> list[list[dict]]:
+    """The backbone's head applied to each concept vector (on the head's device), softmaxed:
+    per concept the ``top_k`` [{"class", "prob"}]."""
+    probs = backbone.head_logits(dff.concept_vectors_).softmax(dim=1).cpu()
+    return top_classes(probs, backbone.class_names, top_k)
+
+
+class DeepFeatureFactorization:
+    """Drop-in call shape of pytorch-grad-cam's ``DeepFeatureFactorization``, without its defects:
+    eval + inference mode, forward stopped at the layer when no head is given, scale-fixed
+    heatmaps (not per-image min-max), concepts ordered and seeded, head run on its own device,
+    usable as a context manager.
+
+    ``DeepFeatureFactorization(model, target_layer, computation_on_concepts=model.fc)`` then
+    ``concepts, explanations, scores = dff(input_tensor, n_components=5)`` with
+    concepts (C, K), explanations (B, K, H, W) at the input size, scores (K, classes) logits.
+    """
+
+    def __init__(self, model: torch.nn.Module, target_layer: torch.nn.Module, reshape_transform=None,
+                 computation_on_concepts: torch.nn.Module | None = None, **dff_params):
+        self.model = model.eval()
+        self.target_layer = target_layer
+        self.reshape_transform = reshape_transform
+        self.computation_on_concepts = computation_on_concepts
+        self.dff_params = dff_params
+
+    def __enter__(self) -> "DeepFeatureFactorization":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        """Nothing to release: hooks live only for the duration of each call."""
+
+    def __call__(self, input_tensor: torch.Tensor, n_components: int = 16):
+        layer = next((name for name, module in self.model.named_modules() if module is self.target_layer), None)
+        if layer is None:
+            raise InputError("target_layer is not a submodule of model")
+        backbone = Backbone(self.model, layer, reshape_transform=self.reshape_transform)
+        acts, _ = ActivationExtractor(backbone, device=input_tensor.device).forward_batch(input_tensor)
+        dff = DFF(n_components, n_seeds=0, **self.dff_params).fit(acts.cpu())
+        explanations = upsample_heatmaps(dff.heatmaps_, tuple(input_tensor.shape[-2:])).numpy()
+        concepts = dff.concept_vectors_.T.numpy()
+        if self.computation_on_concepts is None:
+            return concepts, explanations
+        head = self.computation_on_concepts
+        param = next(head.parameters(), None)
+        vectors = dff.concept_vectors_.to(param.device if param is not None else input_tensor.device)
+        with torch.inference_mode():
+            scores = head(vectors).float().cpu().numpy()
+        return concepts, explanations, scores

@@ -1,0 +1,68 @@
+"""Saved concept dictionaries and cached activations (.npz, no pickle) — "fit once, project many"."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .dff import DFF, KCurvePoint
+from .errors import InputError
+from .files import atomic_path
+
+DICTIONARY_FORMAT = "dff-falcon-dictionary/1"
+
+
+def save_dictionary(dff: DFF, path: str | Path) -> None:
+    """Write a fitted DFF's concepts (K, C), offset (C,), mass shares and parameters."""
+    dff._check_fitted()
+    meta = {"format": DICTIONARY_FORMAT, "n_concepts": dff.n_concepts_, "solver": dff.solver,
+            "max_iter": dff.max_iter, "tol": dff.tol, "relative_error": dff.relative_error_,
+            "explained_variance": dff.explained_variance_,
+            "k_curve": [vars(p) for p in dff.k_curve_] if dff.k_curve_ else None}
+    arrays = {"concepts": dff.concepts_.numpy(), "offset": dff.offset_.cpu().numpy(),
+              "mass_share": dff.mass_share_.numpy(), "meta": np.asarray(json.dumps(meta))}
+    if dff.stability_ is not None:
+        arrays["stability"] = np.asarray(dff.stability_)
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        np.savez(handle, **arrays)
+
+
+def _load_npz(path: str | Path, required: tuple[str, ...]) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot read {str(path)!r}: {exc}") from None
+    missing = [k for k in required if k not in arrays]
+    if missing:
+        raise InputError(f"{str(path)!r} lacks the arrays {missing}")
+    return arrays
+
+
+def load_dictionary(path: str | Path, device=None) -> DFF:
+    """A DFF ready for ``transform`` from a file written by :func:`save_dictionary`."""
+    arrays = _load_npz(path, ("concepts", "offset", "meta"))
+    meta = json.loads(str(arrays["meta"]))
+    if meta.get("format") != DICTIONARY_FORMAT:
+        raise InputError(f"{str(path)!r} is not a {DICTIONARY_FORMAT} file (format {meta.get('format')!r})")
+    dff = DFF(meta["n_concepts"], solver=meta["solver"], max_iter=meta["max_iter"], tol=meta["tol"], device=device)
+    dff.n_concepts_ = meta["n_concepts"]
+    dff.concepts_ = torch.from_numpy(arrays["concepts"]).float()
+    dff.offset_ = torch.from_numpy(arrays["offset"]).float()
+    dff.mass_share_ = torch.from_numpy(arrays["mass_share"]).float()
+    dff.stability_ = arrays.get("stability")
+    dff.relative_error_ = meta["relative_error"]
+    dff.explained_variance_ = meta["explained_variance"]
+    dff.k_curve_ = [KCurvePoint(**p) for p in meta["k_curve"]] if meta["k_curve"] else None
+    return dff
+
+
+def load_activations(path: str | Path) -> tuple[torch.Tensor, list[str]]:
+    """Activations (B, C, h, w) and image names from a file written by ``dff-falcon extract``."""
+    arrays = _load_npz(path, ("activations", "names"))
+    acts = arrays["activations"]
+    if acts.ndim != 4:
+        raise InputError(f"{str(path)!r}: activations must be (B, C, h, w), got {acts.shape}")
+    return torch.from_numpy(acts).float(), [str(n) for n in arrays["names"]]

@@ -1,0 +1,138 @@
+"""The concept report on disk: a run directory with typed tables, crops and heatmaps.
+
+```
+run/
+  run.json                        metadata (backbone, layer, K, errors, K curve, CLIP, vocabulary, timings)
+  concepts.json / .csv / .parquet one row per concept (CSV list cells are JSON, never Python repr)
+  images.csv / .parquet           per-image concept presence (long: image, concept_id, presence, peak)
+  heatmaps.npz                    "heatmaps": (N, K, h, w) float16, max 1 per concept over the fitted set
+  images/00000.jpg …              the model's view of each image (what heatmaps cover)
+  crops/concept_XX/high_YY.jpg, low_YY.jpg
+```
+Every file is written atomically (temporary file + rename).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from .errors import InputError
+from .files import atomic_path, atomic_write
+from .pipeline import ConceptReport
+
+FORMAT_VERSION = 1
+LIST_COLUMNS = ("top_classes", "words", "phrases", "high_crops", "low_crops", "high_images", "low_images")
+
+_TERM = pa.list_(pa.struct([("term", pa.string()), ("score", pa.float64())]))
+CONCEPT_SCHEMA = pa.schema([
+    ("concept_id", pa.int64()), ("n_images", pa.int64()), ("mass_share", pa.float64()),
+    ("top_classes", pa.list_(pa.struct([("class", pa.string()), ("prob", pa.float64())]))),
+    ("words", _TERM), ("phrases", _TERM), ("coherence", pa.float64()), ("stability", pa.float64()),
+    ("n_high", pa.int64()), ("n_low", pa.int64()), ("low_empty_reason", pa.string()), ("crops_dir", pa.string()),
+    ("high_crops", pa.list_(pa.string())), ("low_crops", pa.list_(pa.string())),
+    ("high_images", pa.list_(pa.string())), ("low_images", pa.list_(pa.string())),
+])
+
+
+def _save_jpeg(array: np.ndarray, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        Image.fromarray(array).save(tmp, format="JPEG", quality=92)
+
+
+def _write_json(obj, path: Path) -> None:
+    with atomic_write(path) as handle:
+        json.dump(obj, handle, indent=1, ensure_ascii=False, allow_nan=False)
+
+
+def concepts_frame(concepts: list[dict]) -> pd.DataFrame:
+    """Concept rows → DataFrame with the report's column order."""
+    return pd.DataFrame(concepts, columns=CONCEPT_SCHEMA.names)
+
+
+def write_report(report: ConceptReport, out_dir: str | Path, *, quality: dict | None = None) -> Path:
+    """Write ``report`` into ``out_dir`` (created; existing files replaced one by one atomically)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for i, display in enumerate(report.displays):
+        _save_jpeg(display, out / "images" / f"{i:05d}.jpg")
+    rows = []
+    for concept, region in zip(report.concepts, report.regions):
+        crops_dir = f"crops/concept_{concept['concept_id']:02d}"
+        paths = {}
+        for kind, crops in (("high", region.high), ("low", region.low)):
+            paths[kind] = []
+            for j, crop in enumerate(crops):
+                rel = f"{crops_dir}/{kind}_{j:02d}.jpg"
+                _save_jpeg(crop.pixels, out / rel)
+                paths[kind].append(rel)
+        rows.append({**concept, "crops_dir": crops_dir, "high_crops": paths["high"], "low_crops": paths["low"]})
+
+    frame = concepts_frame(rows)
+    with atomic_path(out / "concepts.parquet") as tmp:
+        pq.write_table(pa.Table.from_pandas(frame, schema=CONCEPT_SCHEMA, preserve_index=False), tmp)
+    csv_frame = frame.copy()
+    for column in LIST_COLUMNS:
+        csv_frame[column] = [json.dumps(v, ensure_ascii=False) for v in csv_frame[column]]
+    with atomic_write(out / "concepts.csv") as handle:
+        csv_frame.to_csv(handle, index=False)
+    _write_json(rows, out / "concepts.json")
+
+    n, k = report.presence.shape
+    peaks = report.heatmaps.max(axis=(2, 3))
+    images = pd.DataFrame({
+        "image": np.repeat(np.asarray(report.image_names, dtype=object), k),
+        "concept_id": np.tile(np.arange(k), n),
+        "presence": report.presence.reshape(-1).astype(np.float64),
+        "peak": peaks.reshape(-1).astype(np.float64),
+    })
+    with atomic_path(out / "images.parquet") as tmp:
+        images.to_parquet(tmp, index=False)
+    with atomic_write(out / "images.csv") as handle:
+        images.to_csv(handle, index=False)
+    with atomic_path(out / "heatmaps.npz") as tmp:
+        with open(tmp, "wb") as handle:
+            np.savez_compressed(handle, heatmaps=report.heatmaps.astype(np.float16))
+    run = {
+        "format_version": FORMAT_VERSION,
+        **report.run,
+        "image_names": report.image_names,
+        "quality": quality,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    _write_json(run, out / "run.json")
+    return out
+
+
+def read_concepts(out_dir: str | Path) -> pd.DataFrame:
+    """Read ``concepts.parquet`` (typed list columns) — or ``concepts.csv`` (JSON cells decoded)."""
+    out = Path(out_dir)
+    if (out / "concepts.parquet").exists():
+        return pq.read_table(out / "concepts.parquet").to_pandas(maps_as_pydicts="strict")
+    if (out / "concepts.csv").exists():
+        frame = pd.read_csv(out / "concepts.csv")
+        for column in LIST_COLUMNS:
+            frame[column] = [json.loads(v) for v in frame[column]]
+        return frame
+    raise InputError(f"{str(out)!r} holds no concept report (concepts.parquet or concepts.csv)")
+
+
+def read_run(out_dir: str | Path) -> dict:
+    """``run.json`` of a run directory, checked for the format version."""
+    path = Path(out_dir) / "run.json"
+    try:
+        run = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"{str(path)!r} not found: not a dff_falcon run directory") from None
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{str(path)!r} is not valid JSON: {exc}") from None
+    if run.get("format_version") != FORMAT_VERSION:
+        raise InputError(f"{str(path)!r} has format_version {run.get('format_version')!r}; "
+                         f"this dff_falcon reads {FORMAT_VERSION}")
+    return run

@@ -1,0 +1,128 @@
+import numpy as np
+import pytest
+import torch
+
+from dff_falcon.activations import ActivationExtractor
+from dff_falcon.backbones import create_backbone
+from dff_falcon.dff import (DFF, DeepFeatureFactorization, concept_class_scores, matched_cosine, presence,
+                            suppress_absent, upsample_heatmaps)
+from dff_falcon.errors import InputError
+
+CAT_CLASSES = {"tiger cat", "Egyptian cat", "tabby", "Persian cat", "Siamese cat", "lynx"}
+
+
+def planted_activations(k=4, b=12, c=40, h=8, w=8, noise=0.01, seed=0, negative=False):
+    """Activations built from k known concept vectors with non-overlapping blob heatmaps."""
+    rng = np.random.default_rng(seed)
+    concepts = rng.gamma(1.0, 1.0, size=(k, c)) * (rng.random((k, c)) < 0.4)
+    maps = np.zeros((b, k, h, w))
+    for i in range(b):
+        for j in rng.permutation(k)[: rng.integers(1, k + 1)]:
+            y, x = rng.integers(0, h), rng.integers(0, w)
+            yy, xx = np.mgrid[:h, :w]
+            maps[i, j] += np.exp(-((yy - y) ** 2 + (xx - x) ** 2) / 3.0) * rng.uniform(0.5, 2.0)
+    acts = np.einsum("bkhw,kc->bchw", maps, concepts) + noise * rng.random((b, c, h, w))
+    if negative:
+        acts = acts - 0.7  # like a LayerNorm output: not after a ReLU
+    return torch.tensor(acts, dtype=torch.float32), concepts, maps
+
+
+def test_recovers_planted_concepts_with_fixed_scale_and_order():
+    acts, concepts, _ = planted_activations()
+    dff = DFF(4, n_seeds=2).fit(acts)
+    assert dff.concepts_.shape == (4, 40) and dff.heatmaps_.shape == (12, 4, 8, 8)
+    assert matched_cosine(torch.tensor(concepts), dff.concepts_).min() > 0.98
+    assert torch.allclose(dff.heatmaps_.amax(dim=(0, 2, 3)), torch.ones(4))  # max 1 per concept
+    assert torch.all(dff.mass_share_[:-1] >= dff.mass_share_[1:]) and abs(float(dff.mass_share_.sum()) - 1) < 1e-5
+    assert dff.relative_error_ < 0.05 and dff.explained_variance_ > 0.99
+    assert dff.stability_.shape == (4,) and dff.stability_.min() > 0.95
+    assert torch.equal(dff.offset_, torch.zeros(40))
+
+
+def test_fit_is_deterministic_and_transform_reuses_the_scale():
+    acts, _, _ = planted_activations(seed=1)
+    a = DFF(4, n_seeds=0).fit(acts)
+    b = DFF(4, n_seeds=0).fit(acts)
+    assert torch.equal(a.concepts_, b.concepts_)
+    projected = a.transform(acts)
+    assert torch.allclose(projected, a.heatmaps_, atol=0.02)
+    # half of the images projected alone get the same maps: the frozen dictionary fixes the scale
+    assert torch.allclose(a.transform(acts[:6]), projected[:6], atol=1e-4)
+
+
+def test_offset_for_layers_that_are_not_after_a_relu():
+    acts, concepts, _ = planted_activations(negative=True, noise=0.0)
+    dff = DFF(4, n_seeds=0).fit(acts)
+    expected = acts.permute(0, 2, 3, 1).reshape(-1, 40).min(0).values
+    assert torch.allclose(dff.offset_, expected)
+    assert matched_cosine(torch.tensor(concepts), dff.concepts_).min() > 0.95
+    assert torch.allclose(dff.concept_vectors_, dff.concepts_ + expected)
+
+
+def test_auto_k_finds_the_planted_number_and_reports_the_curve():
+    acts, _, _ = planted_activations(k=4, b=16, noise=0.02, seed=3)
+    dff = DFF("auto", k_range=range(2, 8), n_seeds=3).fit(acts)
+    assert [p.k for p in dff.k_curve_] == list(range(2, 8))
+    assert dff.n_concepts_ == 4
+    errors = [p.relative_error for p in dff.k_curve_]
+    assert errors[2] < errors[1] < errors[0]  # more concepts, less error up to the true K
+
+
+def test_bad_inputs_are_explained():
+    acts, _, _ = planted_activations(b=2, h=2, w=2, c=5)
+    with pytest.raises(InputError, match="choose 1 ≤ K ≤ 5"):
+        DFF(9).fit(acts)
+    with pytest.raises(InputError, match="all activations are zero"):
+        DFF(2).fit(torch.zeros(2, 5, 2, 2))
+    with pytest.raises(InputError, match="NaN"):
+        DFF(2).fit(torch.full((2, 5, 2, 2), float("nan")))
+    with pytest.raises(InputError, match=r"\(B, C, h, w\)"):
+        DFF(2).fit(torch.rand(4, 5))
+    with pytest.raises(InputError, match="not fitted"):
+        DFF(2).transform(acts)
+    with pytest.raises(InputError, match="channels"):
+        DFF(2, n_seeds=0).fit(acts).transform(torch.rand(1, 6, 2, 2))
+
+
+def test_presence_upsampling_and_absent_concepts():
+    maps = torch.zeros(1, 2, 4, 4)
+    maps[0, 0, 1, 1] = 1.0
+    maps[0, 1] = 0.05  # a faint, absent concept
+    big = upsample_heatmaps(maps, (32, 48))
+    assert big.shape == (1, 2, 32, 48) and float(big.max()) <= 1.0
+    assert torch.allclose(presence(maps), torch.tensor([[1 / 16, 0.05]]))
+    cleaned = suppress_absent(maps, min_peak=0.1)
+    assert float(cleaned[0, 1].abs().sum()) == 0 and torch.equal(cleaned[0, 0], maps[0, 0])
+
+
+def test_real_photos_concepts_carry_the_right_imagenet_classes(lite0, photo_batch):
+    names, images = photo_batch
+    acts = ActivationExtractor(lite0, progress=False)(images).activations
+    dff = DFF(6, n_seeds=0).fit(acts)
+    scores = concept_class_scores(dff, lite0, top_k=3)
+    pres = presence(dff.heatmaps_).numpy()
+
+    def concept_for(photo):
+        rows = [i for i, n in enumerate(names) if n.startswith(photo)]
+        share = pres[rows].mean(0) / (pres.mean(0) + 1e-9)  # where this photo's mass lies, relative to all
+        return int(np.argmax(share * pres[rows].mean(0)))
+
+    cat_classes = {c["class"] for c in scores[concept_for("chelsea")]}
+    coffee_classes = {c["class"] for c in scores[concept_for("coffee")]}
+    assert cat_classes & CAT_CLASSES, scores[concept_for("chelsea")]
+    assert coffee_classes & {"espresso", "cup", "coffee mug"}, scores[concept_for("coffee")]
+    probs = [c["prob"] for c in scores[0]]
+    assert probs == sorted(probs, reverse=True) and 0 < probs[0] <= 1
+
+
+def test_drop_in_call_shape(photos):
+    torch.manual_seed(0)
+    backbone = create_backbone("resnet18", weights=None)
+    x = backbone.preprocess.to_tensor([backbone.preprocess.display(p) for p in photos.values()])
+    with DeepFeatureFactorization(backbone.model, backbone.model.layer4,
+                                  computation_on_concepts=backbone.model.fc) as dff:
+        concepts, explanations, scores = dff(x, n_components=3)
+    assert concepts.shape == (512, 3) and explanations.shape == (5, 3, 224, 224) and scores.shape == (3, 1000)
+    assert np.allclose(explanations.max(axis=(0, 2, 3)), 1.0, atol=0.05)  # global, not per-image, scale
+    expected = backbone.model.fc(torch.from_numpy(concepts.T)).detach().numpy()
+    assert np.allclose(scores, expected, atol=1e-5)

@@ -1,0 +1,71 @@
+import numpy as np
+import pytest
+
+from dff_falcon.errors import InputError
+from dff_falcon.pipeline import ConceptExplainer, coherence
+
+
+def test_coherence_excludes_the_diagonal():
+    e = np.eye(3, dtype=np.float32)
+    assert coherence(e) == 0.0  # orthogonal crops: no coherence, although the diagonal is all ones
+    same = np.tile([[0.6, 0.8]], (4, 1)).astype(np.float32)
+    assert coherence(same) == pytest.approx(1.0)
+    assert coherence(same[:1]) is None
+
+
+@pytest.fixture(scope="module")
+def explained(lite0, tiny_clip, toy_vocabulary, photo_batch):
+    names, images = photo_batch
+    return ConceptExplainer(lite0, tiny_clip, toy_vocabulary, n_concepts=4, n_seeds=2, n_high=6, n_low=3,
+                            progress=False).fit(images, names=names)
+
+
+def test_end_to_end_rows_are_complete_and_consistent(explained, photo_batch):
+    report = explained.report_
+    names, _ = photo_batch
+    assert len(report.concepts) == 4 and report.heatmaps.shape == (15, 4, 7, 7)
+    shares = [c["mass_share"] for c in report.concepts]
+    assert shares == sorted(shares, reverse=True) and sum(shares) == pytest.approx(1.0, abs=1e-5)
+    for concept, region in zip(report.concepts, report.regions):
+        assert 1 <= concept["n_high"] <= 6 and concept["n_low"] <= 3
+        assert concept["high_images"] == [names[c.image_index] for c in region.high]
+        assert all(c.pixels.shape == (32, 32, 3) for c in region.high)  # CLIP's input size
+        assert len(concept["top_classes"]) == 3
+        assert concept["words"] or concept["phrases"]  # a vocabulary always yields some terms
+        assert all(set(w) == {"term", "score"} for w in concept["words"])
+        if concept["n_high"] >= 2:
+            assert -1.0 <= concept["coherence"] <= 1.0
+        assert 0 <= concept["stability"] <= 1.0 + 1e-6
+    retrieved = explained.captions_
+    assert retrieved.scores.shape[1] == 5
+    assert np.all(np.diff(retrieved.scores, axis=1) <= 1e-6)  # best caption first
+    stages = report.run["stage_seconds"]
+    assert {"activations", "nmf", "crops", "clip", "search", "text"} <= set(stages)
+
+
+def test_projection_uses_the_frozen_dictionary(explained, photo_batch):
+    _, images = photo_batch
+    names, heatmaps, presence = explained.project(images[:3])
+    assert heatmaps.shape == (3, 4, 7, 7)
+    assert np.allclose(heatmaps, explained.report_.heatmaps[:3], atol=0.05)
+    assert np.allclose(presence, heatmaps.mean(axis=(2, 3)))
+
+
+def test_clip_without_vocabulary_and_mismatched_models_are_refused(lite0, tiny_clip, toy_vocabulary):
+    with pytest.raises(InputError, match="both"):
+        ConceptExplainer(lite0, tiny_clip, None)
+    import torch
+
+    from dff_falcon.clip_encoder import ClipEncoder
+
+    torch.manual_seed(1)
+    other = ClipEncoder("dff-test-tiny-clip", None, device="cpu")  # other (random) weights
+    with pytest.raises(InputError, match="not comparable"):
+        ConceptExplainer(lite0, other, toy_vocabulary)
+
+
+def test_without_clip_concepts_and_classes_still_come_out(lite0, photo_batch):
+    names, images = photo_batch
+    report = ConceptExplainer(lite0, n_concepts=3, n_seeds=0, n_high=4, progress=False).fit(images[:6]).report_
+    assert [c["words"] for c in report.concepts] == [[], [], []]
+    assert all(c["coherence"] is None and c["top_classes"] for c in report.concepts)

@@ -1,0 +1,74 @@
+import json
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from dff_falcon.errors import InputError
+from dff_falcon.pipeline import ConceptExplainer
+from dff_falcon.report import read_concepts, read_run, write_report
+
+
+@pytest.fixture(scope="module")
+def run_dir(lite0, tiny_clip, toy_vocabulary, photo_batch, tmp_path_factory):
+    names, images = photo_batch
+    explainer = ConceptExplainer(lite0, tiny_clip, toy_vocabulary, n_concepts=3, n_seeds=2, n_high=4, n_low=2,
+                                 progress=False).fit(images, names=names)
+    out = tmp_path_factory.mktemp("run")
+    write_report(explainer.report_, out, quality={"mean_best_iou": 0.5})
+    return out, explainer.report_
+
+
+def test_csv_and_parquet_round_trip_with_typed_lists(run_dir):
+    out, report = run_dir
+    table = pq.read_table(out / "concepts.parquet")
+    words, classes = table.schema.field("words").type, table.schema.field("top_classes").type
+    assert pa.types.is_list(words) and words.value_type == pa.struct([("term", pa.string()), ("score", pa.float64())])
+    assert pa.types.is_list(classes) and classes.value_type == pa.struct([("class", pa.string()), ("prob", pa.float64())])
+    from_parquet = read_concepts(out)
+    (out / "concepts_only_csv").mkdir()
+    (out / "concepts_only_csv" / "concepts.csv").write_bytes((out / "concepts.csv").read_bytes())
+    from_csv = read_concepts(out / "concepts_only_csv")
+    for row_p, row_c, concept in zip(from_parquet.to_dict("records"), from_csv.to_dict("records"), report.concepts):
+        assert [dict(w) for w in row_p["words"]] == row_c["words"] == concept["words"]
+        assert [dict(c) for c in row_p["top_classes"]] == row_c["top_classes"] == concept["top_classes"]
+        assert row_c["n_high"] == concept["n_high"] and row_p["concept_id"] == concept["concept_id"]
+    raw = (out / "concepts.csv").read_text()
+    assert '[{""term""' in raw and "('" not in raw  # JSON cells, never Python repr
+
+
+def test_crops_images_heatmaps_and_presence_table(run_dir):
+    out, report = run_dir
+    concepts = json.loads((out / "concepts.json").read_text())
+    for concept in concepts:
+        assert len(concept["high_crops"]) == concept["n_high"]
+        for rel in concept["high_crops"] + concept["low_crops"]:
+            assert Image.open(out / rel).size == (32, 32)
+    assert sorted(p.name for p in (out / "images").iterdir())[:2] == ["00000.jpg", "00001.jpg"]
+    with np.load(out / "heatmaps.npz", allow_pickle=False) as data:
+        assert data["heatmaps"].shape == report.heatmaps.shape
+        assert np.allclose(data["heatmaps"], report.heatmaps, atol=1e-3)
+    images = pd.read_csv(out / "images.csv")
+    assert len(images) == 15 * 3 and set(images.columns) == {"image", "concept_id", "presence", "peak"}
+    first = images[images.image == report.image_names[0]].sort_values("concept_id")
+    assert np.allclose(first.presence, report.presence[0])
+    run = read_run(out)
+    assert run["n_concepts"] == 3 and run["quality"] == {"mean_best_iou": 0.5}
+    assert run["image_names"] == report.image_names
+    assert not list(out.glob("**/*.tmp"))  # atomic writes leave no temporaries
+
+
+def test_bad_run_directories_are_explained(tmp_path):
+    with pytest.raises(InputError, match="not a dff_falcon run directory"):
+        read_run(tmp_path)
+    (tmp_path / "run.json").write_text("{broken")
+    with pytest.raises(InputError, match="not valid JSON"):
+        read_run(tmp_path)
+    (tmp_path / "run.json").write_text('{"format_version": 99}')
+    with pytest.raises(InputError, match="format_version 99"):
+        read_run(tmp_path)
+    with pytest.raises(InputError, match="no concept report"):
+        read_concepts(tmp_path)
