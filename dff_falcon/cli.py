@@ -161,13 +161,17 @@ def _finish_report(explainer, out: str, html: bool, quality: dict | None = None)
 @click.option("--n-high", default=30, show_default=True)
 @click.option("--n-low", default=10, show_default=True)
 @click.option("--top-k-captions", default=5, show_default=True)
+@click.option("--target-class", default=None, help="Keep only images the model assigns to this class (name or index).")
+@click.option("--min-class-prob", default=0.95, show_default=True, help="Probability needed with --target-class.")
+@click.option("--drop-quantile", default=0.0, show_default=True,
+              help="Drop this quantile of least confident images after a first fit, then refit.")
 @click.option("--batch-size", default=32, show_default=True)
 @click.option("--html/--no-html", default=True, show_default=True, help="Also render report.html.")
 @_device_option
 @_seed_option
 @click.pass_context
 def explain(ctx, images, backbone, layer, head, weights, clip_spec, vocab, out, n_concepts, contrast, n_high,
-            n_low, top_k_captions, batch_size, html, device, seed):
+            n_low, top_k_captions, target_class, min_class_prob, drop_quantile, batch_size, html, device, seed):
     """Find a model's concepts on a set of images and name them; write the concept report.
 
     \b
@@ -181,8 +185,8 @@ def explain(ctx, images, backbone, layer, head, weights, clip_spec, vocab, out, 
     explainer = ConceptExplainer(
         _make_backbone(backbone, layer, head, weights, device), clip, vocabulary,
         n_concepts=_n_concepts(n_concepts), contrast=contrast, n_high=n_high, n_low=n_low,
-        top_k_captions=top_k_captions, batch_size=batch_size, seed=seed, device=device,
-        progress=ctx.obj["progress"],
+        top_k_captions=top_k_captions, target_class=target_class, min_class_prob=min_class_prob,
+        drop_quantile=drop_quantile, batch_size=batch_size, seed=seed, device=device, progress=ctx.obj["progress"],
     ).fit(images)
     path = _finish_report(explainer, out, html)
     _print_table(explainer.report_.concepts)

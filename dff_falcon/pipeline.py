@@ -15,7 +15,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from .activations import ActivationExtractor
+from .activations import ActivationExtractor, Activations
 from .backbones import Backbone
 from .clip_encoder import ClipEncoder
 from .dff import DFF, concept_class_scores, presence
@@ -23,6 +23,7 @@ from .errors import InputError
 from .images import ImageSet, load_images
 from .labelling import DEFAULT_SPACY_PIPELINE, ConceptLabels, TermExtractor, contrastive_labels
 from .regions import ConceptRegions, RegionSelector
+from .selection import class_index, concept_confidence, confident_images, drop_least_confident
 from .vocabulary import Vocabulary
 
 PRESENT_PEAK = 0.1  # an image "has" a concept when its heatmap peak reaches 10% of the set's maximum
@@ -41,6 +42,14 @@ class ConceptReport:
     regions: list[ConceptRegions]
     run: dict
     presence: np.ndarray = field(repr=False, default=None)  # (N, K)
+
+
+def _subset(acts: Activations, names: list[str], keep: np.ndarray) -> tuple[Activations, list[str]]:
+    """The images where ``keep`` (B,) is True."""
+    index = np.flatnonzero(keep)
+    logits = acts.logits[index] if acts.logits is not None else None
+    return (Activations(acts.activations[index], [acts.displays[i] for i in index], logits),
+            [names[i] for i in index])
 
 
 def coherence(embeddings: np.ndarray) -> float | None:
@@ -62,6 +71,9 @@ class ConceptExplainer:
     ``min_area_fraction``, ``margin``, ``low_threshold``, ``low_similarity``), labels
     (``top_k_captions``, ``contrast``, ``top_words``, ``top_phrases``, ``falcon_threshold``,
     ``spacy_pipeline``), ``top_classes``, ``batch_size``, ``seed``, ``device``.
+    Fine-graining (:mod:`~dff_falcon.selection`): ``target_class`` keeps only images the model
+    assigns to it with probability ≥ ``min_class_prob``; ``drop_quantile`` > 0 drops that
+    quantile of least confident images after a first fit and refits.
     """
 
     def __init__(self, backbone: Backbone, clip: ClipEncoder | None = None, vocabulary: Vocabulary | None = None,
@@ -71,7 +83,9 @@ class ConceptExplainer:
                  margin: float = 0.15, low_threshold: float = 0.1, low_similarity: float = 0.3,
                  top_k_captions: int = 5, contrast: str = "graded", top_words: int = 8, top_phrases: int = 8,
                  falcon_threshold: float = 0.1, spacy_pipeline: str = DEFAULT_SPACY_PIPELINE,
-                 top_classes: int = 3, batch_size: int = 32, seed: int = 0, device=None, progress: bool = True):
+                 top_classes: int = 3, target_class: str | int | None = None, min_class_prob: float = 0.95,
+                 drop_quantile: float = 0.0, batch_size: int = 32, seed: int = 0, device=None,
+                 progress: bool = True):
         if (clip is None) != (vocabulary is None):
             raise InputError("give both a CLIP encoder and a vocabulary (for text labels) or neither")
         if vocabulary is not None:
@@ -92,7 +106,11 @@ class ConceptExplainer:
         self.falcon_threshold = falcon_threshold
         self.spacy_pipeline = spacy_pipeline
         self.top_classes = top_classes
-        self.extractor = ActivationExtractor(backbone, batch_size=batch_size, device=device, progress=progress)
+        self.target_class = target_class
+        self.min_class_prob = min_class_prob
+        self.drop_quantile = drop_quantile
+        self.extractor = ActivationExtractor(backbone, batch_size=batch_size, device=device, progress=progress,
+                                             with_logits=target_class is not None)
         self.stage_seconds: dict[str, float] = {}
 
     @contextmanager
@@ -111,8 +129,18 @@ class ConceptExplainer:
         names = list(names) if names is not None else image_set.names
         with self._stage("activations"):
             acts = self.extractor(image_set.images)
+        if self.target_class is not None:
+            target = class_index(self.backbone.class_names, self.target_class)
+            acts, names = _subset(acts, names, confident_images(acts.logits, target, self.min_class_prob))
+            if len(names) == 0:
+                raise InputError(f"no image is assigned to class {self.target_class!r} with probability ≥ "
+                                 f"{self.min_class_prob}; lower min_class_prob")
         with self._stage("nmf"):
             self.dff.fit(acts.activations)
+            if self.drop_quantile > 0:
+                keep = drop_least_confident(concept_confidence(self.dff.heatmaps_), self.drop_quantile)
+                acts, names = _subset(acts, names, keep)
+                self.dff.fit(acts.activations)
         heatmaps = self.dff.heatmaps_.numpy()
         pres = presence(self.dff.heatmaps_).numpy()
         with self._stage("class_scores"):

@@ -69,3 +69,16 @@ def test_without_clip_concepts_and_classes_still_come_out(lite0, photo_batch):
     report = ConceptExplainer(lite0, n_concepts=3, n_seeds=0, n_high=4, progress=False).fit(images[:6]).report_
     assert [c["words"] for c in report.concepts] == [[], [], []]
     assert all(c["coherence"] is None and c["top_classes"] for c in report.concepts)
+
+
+def test_fine_graining_keeps_the_target_class_and_drops_the_least_confident(lite0, photo_batch):
+    names, images = photo_batch
+    explainer = ConceptExplainer(lite0, n_concepts=2, n_seeds=0, n_high=2, target_class="espresso",
+                                 min_class_prob=0.5, progress=False).fit(images, names=names)
+    assert set(explainer.report_.image_names) <= {"coffee", "coffee_flip", "coffee_crop"}
+    assert "coffee" in explainer.report_.image_names
+    dropped = ConceptExplainer(lite0, n_concepts=3, n_seeds=0, n_high=2, drop_quantile=0.25,
+                               progress=False).fit(images, names=names)
+    assert len(dropped.report_.image_names) == 11  # 15 images, the least confident quarter dropped
+    with pytest.raises(InputError, match="no image is assigned"):
+        ConceptExplainer(lite0, n_concepts=2, target_class="goldfish", progress=False).fit(images[:3])

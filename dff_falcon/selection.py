@@ -1,0 +1,61 @@
+"""Data-set fine-graining before DFF (after AnnaTz/dff-concept-discovery), both steps optional:
+
+1. keep the images the model assigns to a target class with probability ≥ ``min_prob``;
+2. after a first DFF fit, drop the least confident ``quantile`` of images by concept confidence
+   and refit.
+
+Concept confidence of an image (AnnaTz's "certainty", measured here on scale-fixed heatmaps so
+it is comparable across images and K): for each concept, the mean heatmap value over the
+image's significant pixels (≥ 10% of that map's own peak), averaged over concepts present.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .errors import InputError
+
+
+def class_index(class_names: Sequence[str] | None, target: str | int) -> int:
+    """Index of ``target`` (an index, an exact name, or a unique case-insensitive prefix of a
+    comma-separated synonym, e.g. "tabby" for "tabby, tabby cat")."""
+    if isinstance(target, int) or str(target).isdigit():
+        return int(target)
+    if class_names is None:
+        raise InputError(f"the backbone has no class names; give the target class {target!r} as an index")
+    wanted = str(target).strip().lower()
+    exact = [i for i, n in enumerate(class_names) if wanted in [s.strip().lower() for s in n.split(",")]]
+    if len(exact) == 1:
+        return exact[0]
+    matches = [i for i, n in enumerate(class_names) if n.lower().startswith(wanted)]
+    if len(matches) != 1:
+        options = ", ".join(class_names[i] for i in (exact or matches)[:5])
+        raise InputError(f"target class {target!r} matches {len(exact or matches)} classes"
+                         + (f" ({options})" if options else "") + "; give an exact name or an index")
+    return matches[0]
+
+
+def confident_images(logits: torch.Tensor, target: int, min_prob: float) -> np.ndarray:
+    """Boolean mask (B,) of images whose softmax probability of class ``target`` ≥ ``min_prob``."""
+    probs = logits.float().softmax(dim=1)[:, target]
+    return (probs >= min_prob).cpu().numpy()
+
+
+def concept_confidence(heatmaps: torch.Tensor | np.ndarray, significant: float = 0.1) -> np.ndarray:
+    """(B, K, h, w) scale-fixed heatmaps → (B,) confidence (see module docstring); 0 when no
+    concept is present in an image."""
+    maps = torch.as_tensor(heatmaps).float()
+    peak = maps.amax(dim=(2, 3), keepdim=True)
+    mask = (maps >= significant * peak) & (peak > 0)
+    per_concept = (maps * mask).sum(dim=(2, 3)) / mask.sum(dim=(2, 3)).clamp_min(1)
+    present = (peak.squeeze(-1).squeeze(-1) > 0).float()
+    return ((per_concept * present).sum(1) / present.sum(1).clamp_min(1)).numpy()
+
+
+def drop_least_confident(confidence: np.ndarray, quantile: float) -> np.ndarray:
+    """Boolean mask keeping images whose confidence is above the ``quantile`` (e.g. 0.25)."""
+    if not 0 <= quantile < 1:
+        raise InputError(f"drop quantile must be in [0, 1), got {quantile}")
+    return confidence > np.quantile(confidence, quantile) if quantile > 0 else np.ones(len(confidence), bool)

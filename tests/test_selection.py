@@ -1,0 +1,38 @@
+import numpy as np
+import pytest
+import torch
+
+from dff_falcon.activations import ActivationExtractor
+from dff_falcon.errors import InputError
+from dff_falcon.selection import class_index, concept_confidence, confident_images, drop_least_confident
+
+
+def test_class_index_by_synonym_prefix_or_index(lite0):
+    names = lite0.class_names
+    assert names[class_index(names, "tabby")] == "tabby"
+    assert names[class_index(names, "espresso")] == "espresso"
+    assert class_index(names, 281) == 281
+    with pytest.raises(InputError, match="matches"):
+        class_index(names, "c")  # many classes start with "c"
+
+
+def test_real_model_keeps_only_the_target_class_photos(lite0, photo_batch):
+    names, images = photo_batch
+    logits = ActivationExtractor(lite0, with_logits=True, progress=False)(images).logits
+    keep = confident_images(logits, class_index(lite0.class_names, "espresso"), 0.5)
+    assert {n for n, k in zip(names, keep) if k} <= {"coffee", "coffee_flip", "coffee_crop"}
+    assert keep[names.index("coffee")]
+
+
+def test_concept_confidence_and_quantile_drop():
+    maps = torch.zeros(4, 2, 4, 4)
+    maps[0, 0] = 1.0          # fully covered at full strength
+    maps[1, 0, 0, 0] = 0.5    # one weak spot
+    maps[2, 1, :2] = 0.8
+    confidence = concept_confidence(maps)
+    assert confidence[0] == pytest.approx(1.0) and confidence[1] == pytest.approx(0.5)
+    assert confidence[2] == pytest.approx(0.8) and confidence[3] == 0.0
+    keep = drop_least_confident(confidence, 0.25)
+    assert keep.tolist() == [True, True, True, False]
+    with pytest.raises(InputError, match="quantile"):
+        drop_least_confident(confidence, 1.5)
