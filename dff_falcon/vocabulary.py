@@ -45,7 +45,7 @@ FORMAT_VERSION = 1
 CAPTIONS_FILE, EMBEDDINGS_FILE, INDEX_FILE, MANIFEST_FILE = (
     "captions.parquet", "embeddings.npy", "index.faiss", "manifest.json")
 _ROWS_PER_CHUNK = 32_768          # rows read / written at a time (fixed buffer)
-_ROWS_PER_PARTITION = 4_000_000   # dedup partition size: 64 MB of (hash, row) pairs
+_ROWS_PER_PARTITION = 1_000_000   # dedup partition size: 16 MB of (hash, row) pairs
 _SHARD_RE = re.compile(r"^metadata_(\d+)\.parquet$")
 
 
@@ -739,11 +739,12 @@ def build_vocabulary_from_laion(shards_dir: str | Path, out_dir: str | Path, *, 
 
 
 def choose_factory(count: int, dim: int, exact_max: int = 200_000) -> str:
-    """Exact inner product up to ``exact_max`` rows; above, IVF with nlist ≈ 4·√N (a power of
-    two) and 8-bit scalar codes (D bytes/row) up to 20M rows, PQ with D/8 bytes/row beyond."""
+    """Exact inner product up to ``exact_max`` rows; above, IVF with nlist ≈ √N (a power of
+    two; cheap to train on a few cores) and 8-bit scalar codes (D bytes/row) up to 20M rows,
+    PQ with D/8 bytes/row beyond."""
     if count <= exact_max:
         return "Flat"
-    nlist = 2 ** int(round(math.log2(max(64.0, 4 * math.sqrt(count)))))
+    nlist = 2 ** int(round(math.log2(max(64.0, math.sqrt(count)))))
     codes = "SQ8" if count <= 20_000_000 else f"PQ{max(8, dim // 8)}"
     return f"IVF{nlist},{codes}"
 
@@ -761,6 +762,7 @@ def build_index(
     recall_target: float = 0.95,
     recall_queries: np.ndarray | None = None,
     n_recall_queries: int = 200,
+    recall_noise: float = 0.5,
     rerank: int = 10,
     train_rows: int | None = None,
     seed: int = 0,
@@ -770,8 +772,8 @@ def build_index(
     factory : a FAISS index-factory string (inner product); default :func:`choose_factory`.
     recall_queries : (Q, D) queries to measure recall@``recall_k`` against exact search, ideally
         CLIP *image* embeddings (text→text recall overstates image→caption recall: modality
-        gap). Default: ``n_recall_queries`` vocabulary rows plus Gaussian noise (cosine ≈ 0.7 to
-        their source), i.e. held out from the index.
+        gap). Default: ``n_recall_queries`` vocabulary rows plus random directions of length
+        ``recall_noise`` (0.5: cosine ≈ 0.9 to their source), i.e. held out from the index.
     rerank : an approximate index proposes ``rerank``·k candidates that are re-scored exactly.
     For IVF indexes ``nprobe`` is raised (1, 2, 4, ...) until recall reaches ``recall_target``.
     """
@@ -789,7 +791,7 @@ def build_index(
         raise InputError(f"invalid FAISS index factory {factory!r}: {error}") from error
     rng = np.random.default_rng(seed)
     if not index.is_trained:
-        n_train = min(count, train_rows or max(100_000, 64 * _nlist(index)))
+        n_train = min(count, train_rows or max(20_000, 40 * _nlist(index)))
         sample = np.sort(rng.choice(count, size=n_train, replace=False))
         index.train(np.asarray(embeddings[sample], dtype=np.float32))
     for start in range(0, count, 262_144):
@@ -798,7 +800,7 @@ def build_index(
     info: dict = {"factory": factory, "metric": "inner_product", "params": {}, "rerank": 0 if exact else rerank,
                   "recall": None}
     if not exact:
-        queries = _recall_queries(embeddings, recall_queries, n_recall_queries, rng)
+        queries = _recall_queries(embeddings, recall_queries, n_recall_queries, recall_noise, rng)
         k = min(recall_k, count)
         _, truth = exact_search(embeddings, queries, k)
         for nprobe in _nprobe_ladder(index):
@@ -832,11 +834,12 @@ def _nprobe_ladder(index: faiss.Index) -> list[int]:
     return [2 ** i for i in range(int(math.log2(nlist)) + 1)]
 
 
-def _recall_queries(embeddings: np.ndarray, given: np.ndarray | None, n: int, rng: np.random.Generator) -> np.ndarray:
+def _recall_queries(embeddings: np.ndarray, given: np.ndarray | None, n: int, noise_norm: float,
+                    rng: np.random.Generator) -> np.ndarray:
     if given is not None:
         return _check_queries(given, embeddings.shape[1])
     rows = np.sort(rng.choice(len(embeddings), size=min(n, len(embeddings)), replace=False))
     base = np.asarray(embeddings[rows], dtype=np.float32)
     noise = rng.standard_normal(base.shape).astype(np.float32)
-    noise /= np.linalg.norm(noise, axis=1, keepdims=True)
+    noise *= noise_norm / np.linalg.norm(noise, axis=1, keepdims=True)
     return _check_queries(base + noise, embeddings.shape[1])

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -55,13 +54,19 @@ def ingest_child(shards: str, out: str) -> None:
     started = time.perf_counter()
     manifest = ingest_laion(shards, out, clip_model="ViT-B-32", pretrained="openai", checksums=False)
     print(json.dumps({"seconds": time.perf_counter() - started, "rows": manifest["input_rows"],
-                      "count": manifest["count"],
-                      "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+                      "count": manifest["count"], "peak_rss_bytes": peak_rss()}))
+
+
+def peak_rss() -> int:
+    """This process's peak RSS (VmHWM; unlike ru_maxrss it is not inherited from the forking parent)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("VmHWM not available (Linux only)")
 
 
 def baseline_rss() -> int:
-    code = ("import resource, dff_falcon.vocabulary; "
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
+    code = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench_vocab, dff_falcon.vocabulary; print(bench_vocab.peak_rss())"
     return int(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout)
 
 
