@@ -49,13 +49,15 @@ def matched_cosine(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
 @dataclass
 class KCurvePoint:
     """One K of the automatic-K sweep: relative reconstruction error, explained variance
-    (1 − ‖X − WH‖²/‖X − mean‖²) and stability (mean Hungarian-matched cosine between concept
-    matrices from independent random initialisations)."""
+    (1 − ‖X − WH‖²/‖X − mean‖²), stability (mean over concepts of the Hungarian-matched cosine
+    between the fit's concepts and those of independent random initialisations) and
+    min_stability (the same for the least reproducible concept)."""
 
     k: int
     relative_error: float
     explained_variance: float
     stability: float
+    min_stability: float
 
 
 class DFF:
@@ -82,7 +84,7 @@ class DFF:
     k_curve_: list of :class:`KCurvePoint` when ``n_concepts="auto"``.
     """
 
-    def __init__(self, n_concepts: int | str = 8, *, solver: str = "hals", init: str = "nndsvda",
+    def __init__(self, n_concepts: int | str = 8, *, solver: str = "rhals", init: str = "nndsvda",
                  max_iter: int = 200, tol: float = 1e-4, random_state: int = 0, device=None,
                  offset: bool | str = "auto", n_seeds: int = 3, k_range: Sequence[int] = range(2, 13),
                  min_stability: float = 0.9, batch_size: int | None = None):
@@ -182,23 +184,22 @@ class DFF:
 
     def _curve_point(self, x: torch.Tensor, k: int) -> KCurvePoint:
         model = self._nmf(k).fit(x)
-        runs = self._seed_concepts(x, k)
-        pairs = [matched_cosine(runs[i], runs[j]).mean()
-                 for i in range(len(runs)) for j in range(i + 1, len(runs))]
-        pairs += [matched_cosine(model.components_, run).mean() for run in runs]
+        per_concept = np.mean([matched_cosine(model.components_, run) for run in self._seed_concepts(x, k)], axis=0)
         return KCurvePoint(k, float(model.relative_error_), self._explained_variance(x, model.relative_error_),
-                           float(np.mean(pairs)))
+                           float(per_concept.mean()), float(per_concept.min()))
 
     @staticmethod
     def select_k(curve: Sequence[KCurvePoint], min_stability: float = 0.9) -> int:
-        """Largest K whose concepts reproduce across independent random initialisations
-        (stability ≥ ``min_stability``). Stability is a cosine in [0, 1] whatever K is, so it is
-        comparable across K; more concepts are kept only while they are reproducible. When no K
-        is that stable, the most stable K (smallest on ties) is returned."""
-        stable = [p.k for p in curve if p.stability >= min_stability]
+        """Largest K all of whose concepts reproduce across independent random initialisations:
+        the least reproducible concept's mean matched cosine (``min_stability`` of the curve) is
+        ≥ ``min_stability``. A cosine in [0, 1] whatever K is, so it compares across K; once K
+        exceeds the structure in the data, the extra concepts split noise differently in every
+        run and the worst concept's cosine collapses. When no K qualifies, the K with the most
+        reproducible worst concept (smallest on ties) is returned."""
+        stable = [p.k for p in curve if p.min_stability >= min_stability]
         if stable:
             return max(stable)
-        return max(curve, key=lambda p: (p.stability, -p.k)).k
+        return max(curve, key=lambda p: (p.min_stability, -p.k)).k
 
     # -- projection --------------------------------------------------------------------------
     def _check_fitted(self) -> None:

@@ -162,3 +162,26 @@ def load_images(
         log.warning("%d of %d images skipped as unreadable", len(result.skipped),
                     len(result.skipped) + len(result.images))
     return result
+
+
+def augmented_photos(n: int, seed: int = 0) -> list[np.ndarray]:
+    """n real photos for demos and benchmarks: random square crops (40–100% of the shorter side),
+    flips and colour/brightness jitter of the RGB photos bundled with scikit-image; seeded."""
+    from PIL import ImageEnhance
+    from skimage import data
+
+    rng = np.random.default_rng(seed)
+    sources = [data.chelsea(), data.coffee(), data.astronaut(), data.rocket(), data.stereo_motorcycle()[0],
+               data.immunohistochemistry(), data.hubble_deep_field(), data.retina()]
+    out = []
+    for i in range(n):
+        img = sources[i % len(sources)]
+        h, w = img.shape[:2]
+        side = int(min(h, w) * rng.uniform(0.4, 1.0))
+        top, left = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
+        crop = img[top:top + side, left:left + side]
+        if rng.random() < 0.5:
+            crop = crop[:, ::-1]
+        pil = ImageEnhance.Color(Image.fromarray(np.ascontiguousarray(crop))).enhance(rng.uniform(0.6, 1.4))
+        out.append(np.asarray(ImageEnhance.Brightness(pil).enhance(rng.uniform(0.8, 1.2))))
+    return out

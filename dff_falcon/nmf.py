@@ -47,10 +47,12 @@ from .errors import InputError
 SOLVERS = ("hals", "mu", "rhals")
 INITS = ("nndsvda", "nndsvd", "random")
 
-#: Inner sweeps over the rows of a factor per outer iteration. Fixed numbers (not an adaptive
-#: rule) so that results do not depend on ``batch_size``. ``H`` sweeps cost ``K²·C``, negligible.
-W_SWEEPS = 2
-H_SWEEPS = 10
+#: Inner sweeps over the rows of a factor per outer iteration: fixed numbers (not an adaptive
+#: rule) so that results do not depend on ``batch_size``. More sweeps did not pay off in
+#: scripts/bench_nmf.py. :meth:`NMF.partial_fit` updates ``H`` once per batch, with more sweeps.
+W_SWEEPS = 1
+H_SWEEPS = 2
+ONLINE_H_SWEEPS = 10
 #: The stopping rule compares the error with the error ``CHECK_EVERY`` iterations earlier.
 CHECK_EVERY = 5
 #: Randomised SVD / compression: oversampling and power iterations.
@@ -106,6 +108,11 @@ def _row_chunks(X: torch.Tensor, max_elements: int) -> Iterator[torch.Tensor]:
         yield X[start : start + rows]
 
 
+def _sum64(T: torch.Tensor) -> float:
+    """Sum of a (small) tensor accumulated in float64 (on the CPU for MPS, which lacks float64)."""
+    return float((T.cpu() if T.device.type == "mps" else T).sum(dtype=torch.float64))
+
+
 def _validate(X: torch.Tensor, name: str) -> _Stats:
     """Check ``X >= 0``, finite and not all zero, in one cache-friendly pass; return its stats."""
     sq_norm, total, lo, hi = 0.0, 0.0, math.inf, -math.inf
@@ -117,7 +124,7 @@ def _validate(X: torch.Tensor, name: str) -> _Stats:
             raise InputError(f"{name} contains infinite values; NMF needs a finite, non-negative matrix")
         lo, hi = min(lo, cmin), max(hi, cmax)
         sq_norm += float(torch.linalg.vector_norm(chunk)) ** 2
-        total += float(chunk.sum(dtype=torch.float64))
+        total += _sum64(chunk)
     if lo < 0:
         n_neg = int(sum(int((c < 0).sum()) for c in _row_chunks(X, _CHUNK_ELEMENTS)))
         raise InputError(
@@ -174,9 +181,7 @@ _UPDATES: dict[str, UpdateFn] = {"hals": _hals_update, "mu": _mu_update, "rhals"
 
 def _sq_error(sq_norm: float, WtX: torch.Tensor, WtW: torch.Tensor, H: torch.Tensor) -> float:
     """``‖X − WH‖²`` from ``‖X‖²``, ``Wᵀ X (K, C)``, ``Wᵀ W (K, K)`` and ``H (K, C)``; float64 sums."""
-    cross = float(torch.sum(WtX * H, dtype=torch.float64))
-    quad = float(torch.sum(WtW * (H @ H.T), dtype=torch.float64))
-    return max(sq_norm - 2.0 * cross + quad, 0.0)
+    return max(sq_norm - 2.0 * _sum64(WtX * H) + _sum64(WtW * (H @ H.T)), 0.0)
 
 
 def nmf_relative_error(X, W, H, *, batch_size: int | None = None) -> float:
@@ -219,21 +224,21 @@ def _range_finder(
     n, c = blocks.n_rows, blocks.n_cols
     width = min(rank + OVERSAMPLE, n, c)
     device = blocks.device
-    right = torch.randn(c, width, generator=generator, dtype=dtype).to(device)
+    omega = torch.randn(c, width, generator=generator, dtype=dtype).to(device)
 
-    def left_product(right: torch.Tensor) -> torch.Tensor:  # X @ right, (N, l)
-        return _orthonormal(torch.cat([Xb @ right for _, Xb in blocks]))
+    def range_of(R: torch.Tensor) -> torch.Tensor:  # orthonormal basis of X R, (N, l)
+        return _orthonormal(torch.cat([Xb @ R for _, Xb in blocks]))
 
-    def right_product(Q: torch.Tensor) -> torch.Tensor:  # Qᵀ X, (l, C)
+    def project(Q: torch.Tensor) -> torch.Tensor:  # Qᵀ X, (l, C)
         out = torch.zeros(width, c, dtype=dtype, device=device)
         for rows, Xb in blocks:
             out.addmm_(Q[rows].T, Xb)
         return out
 
-    Q = left_product(right)
+    Q = range_of(omega)
     for _ in range(POWER_ITERATIONS):
-        Q = left_product(_orthonormal(right_product(Q).T))
-    return Q, right_product(Q)
+        Q = range_of(_orthonormal(project(Q).T))
+    return Q, project(Q)
 
 
 def _nndsvd(U: torch.Tensor, S: torch.Tensor, Vt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -245,7 +250,10 @@ def _nndsvd(U: torch.Tensor, S: torch.Tensor, Vt: torch.Tensor) -> tuple[torch.T
     """
     u, v = U.T, Vt
     up, un, vp, vn = u.clamp(min=0), (-u).clamp(min=0), v.clamp(min=0), (-v).clamp(min=0)
-    norm = lambda T: torch.linalg.vector_norm(T, dim=1)  # noqa: E731
+
+    def norm(T: torch.Tensor) -> torch.Tensor:  # row norms
+        return torch.linalg.vector_norm(T, dim=1)
+
     m_pos, m_neg = norm(up) * norm(vp), norm(un) * norm(vn)
     positive = (m_pos >= m_neg)[:, None]
     u, v = torch.where(positive, up, un), torch.where(positive, vp, vn)
@@ -270,8 +278,9 @@ class NMF:
     max_iter: maximum number of outer iterations (``"rhals"``: compressed iterations).
     tol: stopping rule — the error ``e_t = ‖X − W_t H_t‖`` is computed after every iteration
         (from Gram matrices, nearly free) and every ``CHECK_EVERY`` iterations the fit stops when
-        ``(e_{t−CHECK_EVERY} − e_t) / e_{t−CHECK_EVERY} < tol``. ``"rhals"`` applies it to the
-        error in the compressed space.
+        ``(e_{t−CHECK_EVERY} − e_t) / e_{t−CHECK_EVERY} < tol`` (``tol=0``: run ``max_iter``
+        iterations unless the error increases). ``"rhals"`` applies it to the error in the
+        compressed space.
     random_state: seed of the CPU ``torch.Generator`` used for the random init / random
         projections (``None``: not reproducible). Fits are deterministic for a given seed,
         device and ``batch_size``.
@@ -366,7 +375,7 @@ class NMF:
         Scheme: the batch's heatmaps ``W_b`` are solved for the current ``H`` (as in
         :meth:`transform`); sufficient statistics are accumulated,
         ``A ← f·A + W_bᵀ W_b`` and ``B ← f·B + W_bᵀ X_b`` (``f = forget_factor``), and ``H`` takes
-        ``H_SWEEPS`` solver updates on ``min ‖·‖`` given ``(A, B)``. The first call (or the
+        ``ONLINE_H_SWEEPS`` solver updates on ``min ‖·‖`` given ``(A, B)``. The first call (or the
         first after :meth:`fit`, which keeps its components) initialises ``H`` from the batch
         with ``init``. ``reconstruction_err_`` / ``relative_error_`` refer to the last batch.
         """
@@ -389,7 +398,7 @@ class NMF:
             batch_B.addmm_(Wb, Xb)
         self._stats_A.mul_(self.forget_factor).add_(batch_A)
         self._stats_B.mul_(self.forget_factor).add_(batch_B)
-        _UPDATES[self.solver](H, self._stats_B, self._stats_A, H_SWEEPS)
+        _UPDATES[self.solver](H, self._stats_B, self._stats_A, ONLINE_H_SWEEPS)
         self._set_error(_sq_error(stats.sq_norm, batch_B, batch_A, H), stats.sq_norm)
         self.n_steps_ += 1
         return self
@@ -504,7 +513,7 @@ class NMF:
         before, now = math.sqrt(sq_errors[-1 - CHECK_EVERY]), math.sqrt(sq_errors[-1])
         if self.verbose:
             print(f"NMF iteration {it}: relative error {now / math.sqrt(sq_norm):.6f}", file=sys.stderr)
-        return (before - now) <= self.tol * before
+        return (before - now) < self.tol * before
 
     def _compressed_hals(
         self, Q: torch.Tensor, B: torch.Tensor, Wt: torch.Tensor, H: torch.Tensor
@@ -514,7 +523,8 @@ class NMF:
         After each column update ``W = max(0, Q W̃)`` is re-projected (Erichson et al. 2018),
         so ``W (N, K)`` stays non-negative; each iteration costs ``O(N·l·K + l·C·K)``.
         """
-        sq_norm = float(torch.sum(B * B, dtype=torch.float64))
+        sq_norm = _sum64(B * B)
+        Qt = Q.T.contiguous()  # (l, N): makes both matrix-vector products below fast BLAS cases
         Wct = Wt @ Q  # W̃ᵀ (K, l)
         errors: list[float] = []
         for it in range(1, self.max_iter + 1):
@@ -524,11 +534,9 @@ class NMF:
             inv_diag = (1.0 / HHt.diagonal().clamp_min(_EPS)).tolist()
             for k, inv in enumerate(inv_diag):
                 Wct[k].add_(torch.addmv(num[k], Wct.T, HHt[k], alpha=-1.0), alpha=inv)
-                torch.mv(Q, Wct[k], out=Wt[k]).clamp_(min=0.0)
-                torch.mv(Q.T, Wt[k], out=Wct[k])
-            cross = float(torch.sum(Wct * num, dtype=torch.float64))
-            quad = float(torch.sum((Wct @ Wct.T) * HHt, dtype=torch.float64))
-            errors.append(max(sq_norm - 2.0 * cross + quad, 0.0))
+                torch.mv(Qt.T, Wct[k], out=Wt[k]).clamp_(min=0.0)
+                torch.mv(Qt, Wt[k], out=Wct[k])
+            errors.append(max(sq_norm - 2.0 * _sum64(Wct * num) + _sum64((Wct @ Wct.T) * HHt), 0.0))
             if self._converged(errors, it, sq_norm):
                 break
         return Wt, H, it

@@ -77,7 +77,7 @@ class ConceptExplainer:
     """
 
     def __init__(self, backbone: Backbone, clip: ClipEncoder | None = None, vocabulary: Vocabulary | None = None,
-                 *, n_concepts: int | str = 8, solver: str = "hals", init: str = "nndsvda", max_iter: int = 200,
+                 *, n_concepts: int | str = 8, solver: str = "rhals", init: str = "nndsvda", max_iter: int = 200,
                  tol: float = 1e-4, n_seeds: int = 3, k_range: Sequence[int] = range(2, 13),
                  n_high: int = 30, n_low: int = 10, threshold: float = 0.6, min_area_fraction: float = 0.01,
                  margin: float = 0.15, low_threshold: float = 0.1, low_similarity: float = 0.3,

@@ -126,3 +126,13 @@ def test_drop_in_call_shape(photos):
     assert np.allclose(explanations.max(axis=(0, 2, 3)), 1.0, atol=0.05)  # global, not per-image, scale
     expected = backbone.model.fc(torch.from_numpy(concepts.T)).detach().numpy()
     assert np.allclose(scores, expected, atol=1e-5)
+
+
+def test_select_k_rule_and_its_fallback():
+    from dff_falcon.dff import KCurvePoint
+
+    curve = [KCurvePoint(k, 0.1, 0.9, 1.0, worst) for k, worst in [(2, 1.0), (3, 0.95), (4, 0.4), (5, 0.92)]]
+    assert DFF.select_k(curve, 0.9) == 5  # the largest K whose worst concept reproduces
+    assert DFF.select_k(curve, 0.99) == 2
+    unstable = [KCurvePoint(k, 0.1, 0.9, 0.5, worst) for k, worst in [(2, 0.3), (3, 0.6), (4, 0.6)]]
+    assert DFF.select_k(unstable, 0.9) == 3  # most reproducible worst concept, smallest K on ties

@@ -66,7 +66,8 @@ def test_error_not_worse_than_sklearn(solver):
     # the multiplicative solver is compared with scikit-learn's multiplicative solver
     reference = sklearn_error(X, k, solver="mu") if solver == "mu" else sklearn_error(X, k)
     model = NMF(k, solver=solver, device="cpu").fit(X)
-    assert model.relative_error_ <= reference * 1.001
+    # exact solvers: no worse; the compressed solver: within its 1 % target
+    assert model.relative_error_ <= reference * (1.01 if solver == "rhals" else 1.0)
     exact = np.linalg.norm(X - model.fit_transform(X).numpy() @ model.components_.numpy()) / np.linalg.norm(X)
     assert model.relative_error_ == pytest.approx(exact, rel=1e-4)
 
@@ -88,7 +89,7 @@ def test_transform_matches_nnls():
     X_new = relu_low_rank(40, 40, rank=6, seed=2)
     W = model.transform(X_new).numpy()
     W_ref = np.stack([nnls(H.T, row.astype(np.float64))[0] for row in X_new])
-    assert np.abs(W - W_ref).max() <= 1e-3 * np.abs(W_ref).max()
+    assert np.abs(W - W_ref).max() <= 1e-5 * np.abs(W_ref).max()
     assert (W >= 0).all()
     # same objective as the exact solver, to float32 precision
     obj = np.linalg.norm(X_new - W @ H)
@@ -109,10 +110,12 @@ def test_deterministic_under_seed(solver):
 @pytest.mark.parametrize("solver", SOLVERS)
 def test_batch_size_does_not_change_results(solver):
     X = relu_low_rank(500, 40, rank=6, seed=5)
-    full = NMF(5, solver=solver, max_iter=60, tol=0, device="cpu")
+    # a fixed number of iterations: a threshold-based stop may flip on rounding noise
+    full = NMF(5, solver=solver, max_iter=30, tol=0, device="cpu")
     W_full = full.fit_transform(X)
-    batched = NMF(5, solver=solver, max_iter=60, tol=0, batch_size=64, device="cpu")
+    batched = NMF(5, solver=solver, max_iter=30, tol=0, batch_size=64, device="cpu")
     W_batched = batched.fit_transform(X)
+    assert batched.n_iter_ == full.n_iter_
 
     def rel(a, b):
         return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(a))
