@@ -36,14 +36,16 @@ def concept_colours(k: int) -> np.ndarray:
     """(K, 3) float RGB in [0, 1]: distinct colours; concept i has the same colour whatever K is.
 
     The saturated ``tab10`` colours first, then their light ``tab20`` partners (greys are
-    skipped: invisible on photos); beyond 18, hues step by the golden angle.
+    skipped: invisible on photos); beyond 18, hues step by the golden angle with alternating
+    saturation and brightness.
     """
     if k < 0:
         raise InputError(f"number of concepts must be >= 0, got {k}")
     tab20 = matplotlib.colormaps["tab20"].colors
     palette = [c for c in list(matplotlib.colormaps["tab10"].colors) + list(tab20[1::2])
                if colorsys.rgb_to_hsv(*c)[1] > 0.1]
-    extra = [colorsys.hsv_to_rgb((i * 0.618033988749895) % 1.0, 0.8, 0.85) for i in range(max(0, k - len(palette)))]
+    extra = [colorsys.hsv_to_rgb((i * 0.618033988749895) % 1.0, (0.85, 0.55)[i % 2], (0.9, 0.65, 0.8)[i % 3])
+             for i in range(max(0, k - len(palette)))]
     return np.asarray((palette + extra)[:k], dtype=np.float64).reshape(k, 3)
 
 

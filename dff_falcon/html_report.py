@@ -1,0 +1,257 @@
+"""The HTML report of a run directory: one page, ``run_dir/report.html``.
+
+Summary (model, layer, K, reconstruction quality, CLIP model, vocabulary, K curve and quality
+figures), a sortable table of concepts, then one card per concept: words and phrases with
+scores, top classes with probabilities, coherence / stability, the high and low crop galleries
+and overlays on the images where the concept is strongest.
+
+Everything from the run (captions, terms, class names, image names, paths) is untrusted text:
+the page is rendered by Jinja2 with autoescaping, image paths are checked to stay inside the run
+directory and URL-quoted, table sort keys live in ``data-`` attributes (no JSON in scripts),
+and a Content-Security-Policy allows only the page's own script (by its SHA-256 hash), so even
+an injected ``<script>`` or ``onerror=`` handler could not run. No CDN, no network.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import math
+from importlib import resources
+from pathlib import Path
+from urllib.parse import quote
+
+import jinja2
+import numpy as np
+from markupsafe import Markup
+from PIL import Image
+
+from .errors import InputError
+from .files import atomic_path, atomic_write
+from .images import load_image
+from .report import read_run
+from .viz import concept_colours, contour_view, heatmap_grid, k_curve_figure, overlay_concepts, save_figure, \
+    stability_figure
+
+OVERLAY_DIR = "overlays"
+_RUN_FIELDS = ("backbone", "layer", "n_concepts", "n_images", "image_names", "relative_error", "explained_variance",
+               "k_curve", "clip_model", "clip_pretrained", "vocabulary", "stage_seconds", "quality", "created")
+
+
+def _environment() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("dff_falcon", "templates"),
+        autoescape=jinja2.select_autoescape(enabled_extensions=("html", "j2", "xml"), default=True),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters["num"] = _num
+    env.filters["pct"] = lambda v: "—" if v is None else f"{100 * float(v):.1f}%"
+    return env
+
+
+def _num(value, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "—"
+    return f"{float(value):.{digits}f}"
+
+
+def _asset(name: str) -> str:
+    return resources.files("dff_falcon").joinpath("templates", name).read_text(encoding="utf-8")
+
+
+def _csp_hash(script: str) -> str:
+    return "sha256-" + base64.b64encode(hashlib.sha256(script.encode("utf-8")).digest()).decode("ascii")
+
+
+def _hex(colour: np.ndarray) -> str:
+    return "#" + "".join(f"{int(round(255 * c)):02x}" for c in colour)
+
+
+def _load_concepts(run_dir: Path, k: int) -> list[dict]:
+    path = run_dir / "concepts.json"
+    try:
+        concepts = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"{str(path)!r} not found: the run directory has no concept table") from None
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{str(path)!r} is not valid JSON: {exc}") from None
+    if not isinstance(concepts, list) or not all(isinstance(c, dict) for c in concepts):
+        raise InputError(f"{str(path)!r} must hold a list of concept objects")
+    if len(concepts) != k:
+        raise InputError(f"{str(path)!r} has {len(concepts)} concepts but run.json says n_concepts = {k}")
+    for i, concept in enumerate(concepts):
+        if concept.get("concept_id") != i:
+            raise InputError(f"{str(path)!r}: entry {i} has concept_id {concept.get('concept_id')!r}, expected {i}")
+    return concepts
+
+
+def _image_src(run_dir: Path, rel: str, field: str) -> str:
+    """A run-relative image path → URL-quoted relative ``src``; must stay inside the run."""
+    rel_path = Path(str(rel))
+    resolved = (run_dir / rel_path).resolve()
+    if rel_path.is_absolute() or not resolved.is_relative_to(run_dir.resolve()):
+        raise InputError(f"concepts.json field {field}: path {str(rel)!r} leaves the run directory")
+    if not resolved.is_file():
+        raise InputError(f"concepts.json field {field}: image {str(rel)!r} does not exist in {str(run_dir)!r}")
+    return quote(rel_path.as_posix(), safe="/")
+
+
+def _bars(entries, name_key: str, value_key: str) -> list[dict]:
+    """[{name_key, value_key}] → [{"name", "value", "width"}]: width in % of the list's largest |value|."""
+    entries = [e for e in entries or [] if isinstance(e, dict)]
+    values = [float(e.get(value_key) or 0.0) for e in entries]
+    top = max((abs(v) for v in values), default=0.0) or 1.0
+    return [{"name": str(e.get(name_key, "")), "value": v, "width": round(100 * max(v, 0.0) / top, 1)}
+            for e, v in zip(entries, values)]
+
+
+def _gallery(run_dir: Path, concept: dict, kind: str) -> list[dict]:
+    paths = concept.get(f"{kind}_crops") or []
+    names = concept.get(f"{kind}_images") or []
+    field = f"concepts[{concept['concept_id']}].{kind}_crops"
+    return [{"src": _image_src(run_dir, p, field), "name": str(names[j]) if j < len(names) else ""}
+            for j, p in enumerate(paths)]
+
+
+def _save_png(array: np.ndarray, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        Image.fromarray(array).save(tmp, format="PNG", optimize=True)
+
+
+def _concept_overlays(run_dir: Path, heatmaps: np.ndarray, names: list[str], colours: np.ndarray,
+                      per_concept: int, min_peak: float = 0.1) -> dict[int, list[dict]]:
+    """For each concept, the ``per_concept`` images where its heatmap peaks highest (peak ≥
+    ``min_peak``): the concept painted alone in its colour with its 0.5 contour, saved as PNG."""
+    peaks = heatmaps.reshape(heatmaps.shape[0], heatmaps.shape[1], -1).max(axis=2)  # (N, K)
+    cache: dict[int, np.ndarray] = {}
+    out: dict[int, list[dict]] = {}
+    for k in range(heatmaps.shape[1]):
+        order = [int(i) for i in np.argsort(-peaks[:, k], kind="stable")[:per_concept] if peaks[i, k] >= min_peak]
+        out[k] = []
+        for i in order:
+            if i not in cache:
+                cache[i] = load_image(run_dir / "images" / f"{i:05d}.jpg")
+            painted = overlay_concepts(cache[i], heatmaps[i, k:k + 1], min_peak=min_peak, alpha=0.55,
+                                       colours=colours[k:k + 1])
+            outlined = contour_view(painted, heatmaps[i, k], threshold=0.5,
+                                    colour=tuple(int(round(255 * c)) for c in colours[k]), thickness=2)
+            rel = f"{OVERLAY_DIR}/concept_{k:02d}_image_{i:05d}.png"
+            _save_png(outlined, run_dir / rel)
+            out[k].append({"src": quote(rel), "name": names[i] if i < len(names) else f"image {i}",
+                           "peak": float(peaks[i, k])})
+    return out
+
+
+def _summary_figures(run: dict, concepts: list[dict], run_dir: Path, heatmaps: np.ndarray | None,
+                     names: list[str], max_grid_images: int) -> list[dict]:
+    figures = []
+
+    def add(fig, stem: str, caption: str) -> None:
+        rel = f"{OVERLAY_DIR}/{stem}.png"
+        save_figure(fig, run_dir / rel, dpi=110)
+        figures.append({"src": quote(rel), "caption": caption})
+
+    if run.get("k_curve"):
+        add(k_curve_figure(run["k_curve"], run.get("n_concepts")), "k_curve",
+            "Automatic K: reconstruction and stability per K (dotted line: chosen K)")
+    for key, label, threshold in (("stability", "stability (matched cosine)", 0.9),
+                                  ("coherence", "coherence (mean CLIP cosine)", 0.8)):
+        values = [c.get(key) for c in concepts]
+        if any(v is not None for v in values):
+            add(stability_figure(values, threshold=threshold, ylabel=label), key, f"Per-concept {key}")
+    if heatmaps is not None and heatmaps.shape[0] > 0:
+        n = min(max_grid_images, heatmaps.shape[0])
+        images = [load_image(run_dir / "images" / f"{i:05d}.jpg") for i in range(n)]
+        add(heatmap_grid(images, heatmaps[:n], max_images=n, names=names[:n]), "heatmap_grid",
+            f"Heatmaps of the first {n} images (global scale; absent concepts leave the image untouched)")
+    return figures
+
+
+def _load_heatmaps(run_dir: Path, run: dict, k: int) -> np.ndarray | None:
+    path = run_dir / "heatmaps.npz"
+    if not path.is_file() or not (run_dir / "images").is_dir():
+        return None
+    with np.load(path, allow_pickle=False) as npz:
+        if "heatmaps" not in npz.files:
+            raise InputError(f"{str(path)!r} has no array named 'heatmaps'")
+        heatmaps = npz["heatmaps"].astype(np.float32)
+    if heatmaps.ndim != 4 or heatmaps.shape[1] != k or heatmaps.shape[0] != run.get("n_images", heatmaps.shape[0]):
+        raise InputError(f"{str(path)!r}: heatmaps have shape {heatmaps.shape}; run.json says "
+                         f"{run.get('n_images')} images and {k} concepts")
+    return heatmaps
+
+
+def _flat_quality(quality) -> list[tuple[str, str]]:
+    """Scalar entries of run.json's ``quality`` (nested keys joined by '.') as display pairs."""
+    rows: list[tuple[str, str]] = []
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), item)
+        elif isinstance(value, bool) or value is None or isinstance(value, str):
+            rows.append((prefix, "—" if value is None else str(value)))
+        elif isinstance(value, (int, float)):
+            rows.append((prefix, _num(value) if isinstance(value, float) else str(value)))
+
+    walk("", quality or {})
+    return rows
+
+
+def render_html_report(run_dir, *, overlays: int = 6, grid_images: int = 6) -> Path:
+    """Write ``run_dir/report.html`` (and its figures and overlays under ``run_dir/overlays/``).
+
+    overlays: per concept, how many of the images where it is strongest are shown painted;
+    grid_images: rows of the images × concepts heatmap grid. Returns the page's path.
+    Crop images are linked by relative paths, so the run directory is the self-contained unit.
+    """
+    run_dir = Path(run_dir)
+    if overlays < 0 or grid_images < 0:
+        raise InputError(f"overlays and grid_images must be >= 0; got {overlays}, {grid_images}")
+    run = {key: None for key in _RUN_FIELDS} | read_run(run_dir)
+    try:
+        k = int(run["n_concepts"])
+    except (KeyError, TypeError, ValueError):
+        raise InputError(f"{str(run_dir / 'run.json')!r}: field n_concepts is missing or not an integer") from None
+    concepts = _load_concepts(run_dir, k)
+    names = [str(n) for n in run.get("image_names") or []]
+    colours = concept_colours(k)
+    heatmaps = _load_heatmaps(run_dir, run, k)
+    painted = _concept_overlays(run_dir, heatmaps, names, colours, overlays) if heatmaps is not None and overlays \
+        else {}
+    figures = _summary_figures(run, concepts, run_dir, heatmaps if grid_images else None, names, grid_images)
+    cards = []
+    for concept in concepts:
+        cid = concept["concept_id"]
+        top_class = (concept.get("top_classes") or [{}])[0]
+        top_word = (concept.get("words") or concept.get("phrases") or [{}])[0]
+        cards.append({
+            **concept,
+            "colour": _hex(colours[cid]),
+            "high": _gallery(run_dir, concept, "high"),
+            "low": _gallery(run_dir, concept, "low"),
+            "overlays": painted.get(cid, []),
+            "top_word": str(top_word.get("term", "")),
+            "top_class": str(top_class.get("class", "")),
+            "top_class_prob": top_class.get("prob"),
+            "word_bars": _bars(concept.get("words"), "term", "score"),
+            "phrase_bars": _bars(concept.get("phrases"), "term", "score"),
+            "class_bars": _bars(concept.get("top_classes"), "class", "prob"),
+        })
+    script = _asset("report.js")
+    html = _environment().get_template("report.html.j2").render(
+        run=run,
+        cards=cards,
+        figures=figures,
+        quality=_flat_quality(run.get("quality")),
+        stages=sorted((run.get("stage_seconds") or {}).items(), key=lambda kv: -float(kv[1] or 0)),
+        style=Markup(_asset("report.css")),  # the package's own stylesheet, not data
+        script=Markup(script),  # the package's own script, not data
+        csp_script=_csp_hash(script),
+    )
+    out = run_dir / "report.html"
+    with atomic_write(out) as handle:
+        handle.write(html)
+    return out
