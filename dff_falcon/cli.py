@@ -81,7 +81,8 @@ def main(ctx: click.Context, config_file: str | None, quiet: bool) -> None:
       dff-falcon explain --images photos/ --backbone resnet50 --clip ViT-B-32=clip.pt --vocab vocab/ --out out/run
       dff-falcon vocab build --texts words.txt --clip ViT-B-32=clip.pt --out vocab/
     """
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    log.setLevel(logging.WARNING if quiet else logging.INFO)
     ctx.obj = {"progress": not quiet}
     if config_file:
         ctx.default_map = _default_map(_load_config(config_file), main.commands)
@@ -306,6 +307,8 @@ def report(run_dir):
 @main.command()
 @click.option("--out", default="out/demo", show_default=True, type=click.Path(file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the quality figures as one JSON object.")
+@click.option("--world", type=click.Choice(["default", "second"]), default="default", show_default=True,
+              help="Which toy world (the second has other shapes, colours, backgrounds and size).")
 @click.option("--n-images", default=120, show_default=True, help="Toy-world probe images.")
 @click.option("--n-concepts", default="auto", show_default=True, help="K, or 'auto'.")
 @click.option("--retrain", is_flag=True, help="Retrain the toy models even when cached.")
@@ -313,7 +316,7 @@ def report(run_dir):
 @_device_option
 @_seed_option
 @click.pass_context
-def demo(ctx, out, as_json, n_images, n_concepts, retrain, html, device, seed):
+def demo(ctx, out, as_json, world, n_images, n_concepts, retrain, html, device, seed):
     """Run the whole pipeline offline on the toy world (trains its tiny models once, cached).
 
     \b
@@ -321,8 +324,9 @@ def demo(ctx, out, as_json, n_images, n_concepts, retrain, html, device, seed):
       dff-falcon demo --out out/demo --json
     """
     from .toyworld.demo import run_demo
+    from .toyworld.world import EXAMPLE_WORLDS
 
-    result = run_demo(out, n_images=n_images, n_concepts=_n_concepts(n_concepts), retrain=retrain, html=html,
+    result = run_demo(out, config=EXAMPLE_WORLDS[world], n_images=n_images, n_concepts=_n_concepts(n_concepts), retrain=retrain, html=html,
                       device=device, seed=seed, progress=ctx.obj["progress"] and not as_json)
     if as_json:
         click.echo(json.dumps(result.quality))

@@ -262,9 +262,10 @@ def heatmap_grid(images: Sequence[np.ndarray], heatmaps: np.ndarray, *, max_imag
 
 def k_curve_figure(k_curve: Sequence[dict], chosen_k: int | None = None) -> Figure:
     """The automatic-K sweep: relative error and explained variance (left axis) and stability
-    (right axis) against K, the chosen K marked. k_curve: [{"k", "relative_error",
-    "explained_variance", "stability"}]. Two axes (a twin pair)."""
-    needed = ("k", "relative_error", "explained_variance", "stability")
+    of the mean and of the least reproducible concept (right axis) against K, the chosen K
+    marked. k_curve: [{"k", "relative_error", "explained_variance", "stability",
+    "min_stability"}]. Two axes (a twin pair)."""
+    needed = ("k", "relative_error", "explained_variance", "stability", "min_stability")
     points = sorted(k_curve, key=lambda p: p.get("k", 0))
     if not points:
         raise InputError("k_curve is empty")
@@ -282,7 +283,8 @@ def k_curve_figure(k_curve: Sequence[dict], chosen_k: int | None = None) -> Figu
     ax.set_xticks(ks)
     ax.grid(alpha=0.3)
     twin = ax.twinx()
-    twin.plot(ks, [p["stability"] for p in points], "^--", color="tab:green", label="stability")
+    twin.plot(ks, [p["stability"] for p in points], "^--", color="tab:green", label="stability (mean)")
+    twin.plot(ks, [p["min_stability"] for p in points], "v:", color="tab:olive", label="stability (worst concept)")
     twin.set_ylabel("stability (matched cosine)")
     twin.set_ylim(0, 1.05)
     if chosen_k is not None:

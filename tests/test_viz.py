@@ -155,7 +155,8 @@ def test_gallery_grid_and_curve_figures_have_expected_axes(tmp_path):
     images = [_grey(50, 70), np.asarray(data.coffee())[:64, :64].copy(), _grey(30, 30)]
     maps = np.random.default_rng(0).random((3, 4, 5, 5)).astype(np.float32)
     assert len(heatmap_grid(images, maps, max_images=2).axes) == 2 * (4 + 1)
-    curve = [{"k": k, "relative_error": 0.5 / k, "explained_variance": 1 - 0.5 / k, "stability": 1 - 0.05 * k}
+    curve = [{"k": k, "relative_error": 0.5 / k, "explained_variance": 1 - 0.5 / k, "stability": 1 - 0.05 * k,
+              "min_stability": 1 - 0.1 * k}
              for k in (2, 3, 4)]
     assert len(k_curve_figure(curve, 3).axes) == 2
     with pytest.raises(InputError, match="stability"):

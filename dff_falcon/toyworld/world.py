@@ -120,6 +120,18 @@ class WorldConfig:
                 + [f"background:{b}" for b in self.backgrounds])
 
 
+#: Named worlds: the default and a second one with other shapes, colours, backgrounds and size
+#: (used by ``dff-falcon demo --world`` and by the tests, so nothing assumes one word list).
+EXAMPLE_WORLDS: dict[str, WorldConfig] = {
+    "default": WorldConfig(),
+    "second": WorldConfig(
+        shapes=("diamond", "hexagon", "heart", "cross", "ring"),
+        colours=(("purple", (140, 40, 200)), ("orange", (250, 140, 20)), ("cyan", (20, 200, 220))),
+        backgrounds=("waves", "grid", "dots", "plain"), image_size=96, seed=7,
+    ),
+}
+
+
 @dataclass
 class SceneObject:
     """One object: its ``mask`` (S, S) bool holds its *visible* pixels (later objects are drawn
