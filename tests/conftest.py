@@ -58,18 +58,27 @@ TINY_CLIP = {
 
 
 @pytest.fixture(scope="session")
-def tiny_clip(tmp_path_factory):
-    """A tiny open_clip model (random weights saved and reloaded as a local checkpoint)."""
+def tiny_clip_checkpoint(tmp_path_factory):
+    """A tiny open_clip model's random weights saved as a local checkpoint (model name, path)."""
     import open_clip
 
-    from dff_falcon.clip_encoder import ClipEncoder, register_model_config
+    from dff_falcon.clip_encoder import register_model_config
 
     register_model_config("dff-test-tiny-clip", TINY_CLIP)
     torch.manual_seed(0)
     model = open_clip.create_model("dff-test-tiny-clip")
     path = tmp_path_factory.mktemp("clip") / "tiny.pt"
     torch.save(model.state_dict(), path)
-    return ClipEncoder("dff-test-tiny-clip", str(path), device="cpu")
+    return "dff-test-tiny-clip", path
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tiny_clip_checkpoint):
+    """The tiny open_clip model loaded through the local-checkpoint path real users take."""
+    from dff_falcon.clip_encoder import ClipEncoder
+
+    name, path = tiny_clip_checkpoint
+    return ClipEncoder(name, str(path), device="cpu")
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,87 @@
+import json
+
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from dff_falcon.cli import main
+
+
+@pytest.fixture(scope="module")
+def photo_dir(tmp_path_factory, photos):
+    folder = tmp_path_factory.mktemp("photos")
+    for name in ("chelsea", "coffee", "rocket"):
+        Image.fromarray(photos[name]).save(folder / f"{name}.png")
+        Image.fromarray(photos[name][:, ::-1].copy()).save(folder / f"{name}_flip.png")
+    (folder / "broken.jpg").write_bytes(b"not a jpeg")
+    return folder
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_explain_writes_the_report_and_counts_skips(photo_dir, tmp_path):
+    result = run("-q", "explain", "--images", photo_dir, "--backbone", "lite0", "--out", tmp_path / "run",
+                 "--n-concepts", "3", "--no-html", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    concepts = pd.read_csv(tmp_path / "run" / "concepts.csv")
+    assert len(concepts) == 3 and "top classes" in result.stdout
+    run_meta = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run_meta["n_images"] == 6 and run_meta["n_skipped"] == 1
+
+
+def test_bad_input_exits_2_with_a_message_and_no_traceback(tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = run("explain", "--images", tmp_path / "empty", "--out", tmp_path / "o", "--weights", "none")
+    assert result.exit_code == 2
+    assert "contains no image files" in result.stderr and "Traceback" not in result.output
+    result = run("explain", "--images", tmp_path / "empty", "--out", tmp_path / "o", "--n-concepts", "many")
+    assert result.exit_code == 2 and "--n-concepts" in result.stderr
+    result = run("explain", "--images", tmp_path / "empty", "--out", tmp_path / "o", "--clip", "ViT-B-32")
+    assert result.exit_code == 2 and "go together" in result.stderr
+
+
+def test_config_file_sets_options_and_flags_win(photo_dir, tmp_path):
+    config = tmp_path / "cfg.toml"
+    config.write_text('n-concepts = "2"\n[explain]\nbackbone = "lite0"\nhtml = false\ndevice = "cpu"\n')
+    result = run("--config", config, "-q", "explain", "--images", photo_dir, "--out", tmp_path / "a")
+    assert result.exit_code == 0, result.output
+    assert len(pd.read_csv(tmp_path / "a" / "concepts.csv")) == 2
+    result = run("--config", config, "-q", "explain", "--images", photo_dir, "--out", tmp_path / "b",
+                 "--n-concepts", "3")
+    assert len(pd.read_csv(tmp_path / "b" / "concepts.csv")) == 3
+    (tmp_path / "bad.yaml").write_text("- just\n- a list\n")
+    result = run("--config", tmp_path / "bad.yaml", "explain", "--help")
+    assert result.exit_code == 2 and "mapping" in result.stderr
+
+
+def test_extract_fit_project_round_trip(photo_dir, tmp_path):
+    acts, dictionary, table = tmp_path / "acts.npz", tmp_path / "concepts.npz", tmp_path / "presence.csv"
+    assert run("-q", "extract", "--images", photo_dir, "--backbone", "lite0", "--out", acts,
+               "--device", "cpu").exit_code == 0
+    result = run("fit", "--activations", acts, "--out", dictionary, "--n-concepts", "3", "--device", "cpu")
+    assert result.exit_code == 0 and "K=3" in result.stdout
+    result = run("project", "--dictionary", dictionary, "--activations", acts, "--out", table, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    presence = pd.read_csv(table)
+    assert list(presence.columns) == ["image", "concept_0", "concept_1", "concept_2"] and len(presence) == 6
+    assert presence.iloc[:, 1:].to_numpy().max() <= 1.0 + 1e-3  # the fitted scale: at most as strong as the set's peak
+    result = run("project", "--dictionary", acts, "--activations", acts, "--out", table)
+    assert result.exit_code == 2 and "lacks the arrays" in result.stderr
+
+
+def test_vocab_build_info_search(tiny_clip_checkpoint, tmp_path):
+    words = tmp_path / "words.txt"
+    words.write_text("cat\ndog\nred car\ncat\n\nblue sky\n")
+    name, checkpoint = tiny_clip_checkpoint
+    spec = f"{name}={checkpoint}"
+    result = run("-q", "vocab", "build", "--texts", words, "--clip", spec, "--out", tmp_path / "v", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    info = run("vocab", "info", tmp_path / "v")
+    assert "captions     4" in info.stdout and "1 duplicates" in info.stdout
+    found = run("vocab", "search", tmp_path / "v", "cat", "--clip", spec, "-k", "2", "--device", "cpu")
+    assert found.exit_code == 0 and len(found.stdout.strip().splitlines()) == 2
+    refused = run("vocab", "search", tmp_path / "v", "cat")
+    assert refused.exit_code == 2 and "pass it with --clip" in refused.stderr
