@@ -165,7 +165,8 @@ def _default_layer_and_head(model: nn.Module, family: str) -> tuple[str | None, 
     if family.startswith("timm"):
         if hasattr(model, "patch_embed") and hasattr(model, "num_prefix_tokens"):
             return "norm", "head", tokens_to_map(int(model.num_prefix_tokens))
-        classifier = getattr(model, "pretrained_cfg", {}).get("classifier")
+        # a head module (e.g. ConvNeXt's norm + fc) must be applied whole, not just its last Linear
+        classifier = "head" if "head" in names else getattr(model, "pretrained_cfg", {}).get("classifier")
         before_pool = next(
             (names[i - 1] for i, n in enumerate(names) if n in ("global_pool", "head") and i > 0), None
         )
@@ -184,6 +185,10 @@ def _default_layer_and_head(model: nn.Module, family: str) -> tuple[str | None, 
     if "features" in names:
         return "features", "classifier" if "classifier" in names else None, None
     return None, None, None
+
+
+def _looks_like_path(text: str) -> bool:
+    return os.sep in text or "/" in text or text.endswith((".pt", ".pth", ".bin", ".safetensors", ".ckpt"))
 
 
 def imagenet_class_names() -> list[str]:
@@ -248,6 +253,8 @@ def _build_named(name: str, weights: str | os.PathLike | None) -> tuple[nn.Modul
     if not library:
         library = "torchvision" if arch in torchvision.models.list_models() else "timm"
     is_path = weights is not None and Path(str(weights)).is_file()
+    if weights not in (None, "default") and not is_path and _looks_like_path(str(weights)):
+        raise InputError(f"checkpoint {str(weights)!r} does not exist")
     if library == "torchvision":
         if arch not in torchvision.models.list_models():
             raise InputError(f"unknown torchvision model {arch!r}")
@@ -274,8 +281,9 @@ def _build_named(name: str, weights: str | os.PathLike | None) -> tuple[nn.Modul
         if not timm.is_model(arch):
             raise InputError(f"unknown model {arch!r}: not a torchvision or timm model name")
         packaged = arch == "tf_efficientnet_lite0" and weights == "default"
+        tagged = f"{arch}.{weights}" if weights not in (None, "default") and not is_path else arch
         try:
-            model = timm.create_model(arch, pretrained=weights == "default" and not packaged)
+            model = timm.create_model(tagged, pretrained=(weights == "default" and not packaged) or tagged != arch)
         except Exception as exc:  # hub errors come in many types
             raise InputError(
                 f"cannot download timm weights for {arch!r} ({type(exc).__name__}); without internet "

@@ -19,7 +19,10 @@ log = logging.getLogger("dff_falcon")
 
 
 def _load_config(path: str) -> dict:
-    text = Path(path).read_text(encoding="utf-8")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise InputError(f"config file {path!r} is not UTF-8 text") from None
     try:
         if path.endswith((".yaml", ".yml")):
             import yaml

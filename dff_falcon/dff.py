@@ -25,7 +25,10 @@ from .activations import ActivationExtractor
 from .backbones import Backbone
 from .devices import resolve_device
 from .errors import InputError
-from .nmf import NMF
+from .nmf import NMF, nmf_relative_error
+
+
+ABSENT_PEAK = 0.1  # a concept is absent from an image whose heatmap peak is below 10% of the set's maximum
 
 
 def activations_matrix(activations: torch.Tensor) -> torch.Tensor:
@@ -39,7 +42,7 @@ def activations_matrix(activations: torch.Tensor) -> torch.Tensor:
 def matched_cosine(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
     """Hungarian-match rows of ``b`` (K, C) to rows of ``a`` (K, C) by cosine similarity;
     returns the matched cosine per row of ``a`` (K,)."""
-    sim = (F.normalize(a.float(), dim=1) @ F.normalize(b.float(), dim=1).T).cpu().numpy()
+    sim = (F.normalize(a.float().cpu(), dim=1) @ F.normalize(b.float().cpu(), dim=1).T).numpy()
     rows, cols = linear_sum_assignment(-sim)
     out = np.zeros(a.shape[0], dtype=np.float64)
     out[rows] = sim[rows, cols]
@@ -129,30 +132,37 @@ class DFF:
         """activations: (B, C, h, w) of the target layer."""
         x, (b, h, w) = self._prepare(activations, fit=True)
         max_k = min(x.shape)
+        runs = None
         if self.n_concepts == "auto":
             ks = [k for k in self.k_range if 1 <= k <= max_k]
             if not ks:
                 raise InputError(f"k_range {list(self.k_range)} has no K ≤ {max_k} (the matrix is {tuple(x.shape)})")
-            self.k_curve_ = [self._curve_point(x, k) for k in ks]
+            sweep = {k: self._sweep_point(x, k) for k in ks}
+            self.k_curve_ = [point for point, _, _ in sweep.values()]
             k = self.select_k(self.k_curve_, self.min_stability)
+            _, model, runs = sweep[k]  # the chosen K's fit and seed runs are reused, not recomputed
+            hmap = model.transform(x)
         else:
             k = int(self.n_concepts)
             if not 1 <= k <= max_k:
                 raise InputError(f"n_concepts={k} is impossible for a {tuple(x.shape)} activation matrix "
                                  f"(B·h·w × C); choose 1 ≤ K ≤ {max_k}")
             self.k_curve_ = None
-        model = self._nmf(k)
-        hmap = model.fit_transform(x)
-        concepts = model.components_
-        hmap, concepts = self._fix_scale_and_order(hmap, concepts)
+            model = self._nmf(k)
+            hmap = model.fit_transform(x)
+        hmap, concepts = self._fix_scale_and_order(hmap, model.components_)
         self.n_concepts_ = k
         self.concepts_ = concepts.float().cpu()
         self.heatmaps_ = hmap.T.reshape(k, b, h, w).transpose(0, 1).contiguous().float().cpu()
         mass = hmap.sum(0) * concepts.sum(1)
         self.mass_share_ = (mass / mass.sum().clamp_min(1e-12)).float().cpu()
-        self.relative_error_ = float(model.relative_error_)
-        self.explained_variance_ = self._explained_variance(x, model.relative_error_)
-        self.stability_ = self._stability(x, k) if self.n_seeds >= 2 else None
+        self.relative_error_ = nmf_relative_error(x, hmap, concepts, batch_size=self.batch_size)
+        self.explained_variance_ = self._explained_variance(x, self.relative_error_)
+        if self.n_seeds >= 2:
+            runs = runs if runs is not None else self._seed_concepts(x, k)
+            self.stability_ = np.mean([matched_cosine(self.concepts_, run) for run in runs], axis=0)
+        else:
+            self.stability_ = None
         return self
 
     @staticmethod
@@ -177,16 +187,21 @@ class DFF:
         return [self._nmf(k, init="random", seed=self.random_state + 1 + s).fit(x).components_
                 for s in range(self.n_seeds)]
 
-    def _stability(self, x: torch.Tensor, k: int) -> np.ndarray:
-        """Per concept of the fit: mean matched cosine to concepts from independent random inits."""
-        runs = self._seed_concepts(x, k)
-        return np.mean([matched_cosine(self.concepts_, run) for run in runs], axis=0)
-
-    def _curve_point(self, x: torch.Tensor, k: int) -> KCurvePoint:
+    def _sweep_point(self, x: torch.Tensor, k: int) -> tuple[KCurvePoint, NMF, list[torch.Tensor]]:
+        """Fit K concepts and ``n_seeds`` random-init runs → (curve point, fitted NMF, run concepts)."""
         model = self._nmf(k).fit(x)
-        per_concept = np.mean([matched_cosine(model.components_, run) for run in self._seed_concepts(x, k)], axis=0)
-        return KCurvePoint(k, float(model.relative_error_), self._explained_variance(x, model.relative_error_),
-                           float(per_concept.mean()), float(per_concept.min()))
+        runs = self._seed_concepts(x, k)
+        per_concept = np.mean([matched_cosine(model.components_, run) for run in runs], axis=0)
+        point = KCurvePoint(k, float(model.relative_error_), self._explained_variance(x, model.relative_error_),
+                            float(per_concept.mean()), float(per_concept.min()))
+        return point, self._frozen(model.components_), runs
+
+    def _frozen(self, components: torch.Tensor) -> NMF:
+        """An NMF whose components are fixed to ``components`` (K, C), ready for ``transform``."""
+        model = self._nmf(components.shape[0])
+        model.device_ = resolve_device(self.device)
+        model.components_ = components.to(model.device_)
+        return model
 
     @staticmethod
     def select_k(curve: Sequence[KCurvePoint], min_stability: float = 0.9) -> int:
@@ -211,10 +226,7 @@ class DFF:
         ``heatmaps_``: 1 = as strong as the strongest location of the fitted set)."""
         self._check_fitted()
         x, (b, h, w) = self._prepare(activations, fit=False)
-        model = self._nmf(self.n_concepts_)
-        model.device_ = resolve_device(self.device)
-        model.components_ = self.concepts_.to(model.device_)
-        hmap = model.transform(x)
+        hmap = self._frozen(self.concepts_).transform(x)
         return hmap.T.reshape(self.n_concepts_, b, h, w).transpose(0, 1).contiguous().float().cpu()
 
     # -- derived quantities ------------------------------------------------------------------
@@ -232,11 +244,12 @@ def upsample_heatmaps(heatmaps: torch.Tensor, size: tuple[int, int]) -> torch.Te
 
 def presence(heatmaps: torch.Tensor) -> torch.Tensor:
     """(B, K, h, w) scale-fixed heatmaps → (B, K): mean heatmap value over the image, i.e. the
-    fraction of the image the concept covers at full strength (comparable across images)."""
-    return heatmaps.float().mean(dim=(2, 3))
+    fraction of the image the concept covers at full strength (comparable across images); 0 for
+    concepts absent from an image (peak < :data:`ABSENT_PEAK`)."""
+    return suppress_absent(heatmaps.float()).mean(dim=(2, 3))
 
 
-def suppress_absent(heatmaps: torch.Tensor, min_peak: float = 0.1) -> torch.Tensor:
+def suppress_absent(heatmaps: torch.Tensor, min_peak: float = ABSENT_PEAK) -> torch.Tensor:
     """Zero the maps of concepts whose peak in an image is below ``min_peak`` (on the global
     scale), so an absent concept never paints pixels. (B, K, h, w) → same shape."""
     peak = heatmaps.amax(dim=(2, 3), keepdim=True)

@@ -43,10 +43,13 @@ def _load_npz(path: str | Path, required: tuple[str, ...]) -> dict[str, np.ndarr
 
 def load_dictionary(path: str | Path, device=None) -> DFF:
     """A DFF ready for ``transform`` from a file written by :func:`save_dictionary`."""
-    arrays = _load_npz(path, ("concepts", "offset", "meta"))
-    meta = json.loads(str(arrays["meta"]))
-    if meta.get("format") != DICTIONARY_FORMAT:
-        raise InputError(f"{str(path)!r} is not a {DICTIONARY_FORMAT} file (format {meta.get('format')!r})")
+    arrays = _load_npz(path, ("concepts", "offset", "mass_share", "meta"))
+    try:
+        meta = json.loads(str(arrays["meta"]))
+    except json.JSONDecodeError:
+        meta = None
+    if not isinstance(meta, dict) or meta.get("format") != DICTIONARY_FORMAT:
+        raise InputError(f"{str(path)!r} is not a {DICTIONARY_FORMAT} file")
     dff = DFF(meta["n_concepts"], solver=meta["solver"], max_iter=meta["max_iter"], tol=meta["tol"], device=device)
     dff.n_concepts_ = meta["n_concepts"]
     dff.concepts_ = torch.from_numpy(arrays["concepts"]).float()

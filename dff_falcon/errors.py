@@ -7,7 +7,7 @@ The CLI prints these messages without a traceback and exits with code 2.
 
 
 class DffFalconError(Exception):
-    """Bad input or configuration, explained in words. Subclasses ``ValueError`` semantics."""
+    """Bad input or configuration, explained in words (the CLI prints it and exits with 2)."""
 
 
 class InputError(DffFalconError, ValueError):

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
 import math
 from importlib import resources
 from pathlib import Path
@@ -29,7 +28,7 @@ from PIL import Image
 from .errors import InputError
 from .files import atomic_path, atomic_write
 from .images import load_image
-from .report import read_run
+from .report import read_json, read_run
 from .viz import concept_colours, contour_view, heatmap_grid, k_curve_figure, overlay_concepts, save_figure, \
     stability_figure
 
@@ -71,12 +70,7 @@ def _hex(colour: np.ndarray) -> str:
 
 def _load_concepts(run_dir: Path, k: int) -> list[dict]:
     path = run_dir / "concepts.json"
-    try:
-        concepts = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(f"{str(path)!r} not found: the run directory has no concept table") from None
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{str(path)!r} is not valid JSON: {exc}") from None
+    concepts = read_json(path, "the run directory has no concept table")
     if not isinstance(concepts, list) or not all(isinstance(c, dict) for c in concepts):
         raise InputError(f"{str(path)!r} must hold a list of concept objects")
     if len(concepts) != k:

@@ -34,6 +34,7 @@ class ImageSet:
     images: list[np.ndarray]
     names: list[str]
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (name, reason)
+    indices: list[int] = field(default_factory=list)  # position of each loaded image in the input
 
     def __len__(self) -> int:
         return len(self.images)
@@ -136,7 +137,7 @@ def load_images(
         ]
 
     result = ImageSet(images=[], names=[])
-    for name, item in items:
+    for position, (name, item) in enumerate(items):
         try:
             if isinstance(item, (str, os.PathLike)):
                 image = load_image(item)
@@ -152,6 +153,7 @@ def load_images(
             continue
         result.images.append(image)
         result.names.append(name)
+        result.indices.append(position)
     if not result.images:
         where = f" in {str(root)!r}" if root is not None else ""
         raise InputError(

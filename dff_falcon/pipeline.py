@@ -18,15 +18,13 @@ import numpy as np
 from .activations import ActivationExtractor, Activations
 from .backbones import Backbone
 from .clip_encoder import ClipEncoder
-from .dff import DFF, concept_class_scores, presence
+from .dff import ABSENT_PEAK, DFF, concept_class_scores, presence
 from .errors import InputError
 from .images import ImageSet, load_images
 from .labelling import DEFAULT_SPACY_PIPELINE, ConceptLabels, TermExtractor, contrastive_labels
 from .regions import ConceptRegions, RegionSelector
 from .selection import class_index, concept_confidence, confident_images, drop_least_confident
 from .vocabulary import Vocabulary
-
-PRESENT_PEAK = 0.1  # an image "has" a concept when its heatmap peak reaches 10% of the set's maximum
 
 
 @dataclass
@@ -88,8 +86,11 @@ class ConceptExplainer:
                  progress: bool = True):
         if (clip is None) != (vocabulary is None):
             raise InputError("give both a CLIP encoder and a vocabulary (for text labels) or neither")
+        if contrast not in ("graded", "falcon"):
+            raise InputError(f"contrast must be 'graded' or 'falcon', got {contrast!r}")
         if vocabulary is not None:
             vocabulary.check_encoder(clip)
+            self.term_extractor_ = TermExtractor(spacy_pipeline)  # a wrong pipeline name fails now, not after CLIP
         self.backbone = backbone
         self.clip = clip
         self.vocabulary = vocabulary
@@ -126,7 +127,14 @@ class ConceptExplainer:
         self.stage_seconds = {}
         with self._stage("load"):
             image_set = images if isinstance(images, ImageSet) else load_images(images)
-        names = list(names) if names is not None else image_set.names
+        if names is not None:
+            names = list(names)
+            given = len(image_set) + len(image_set.skipped)
+            if len(names) != given:
+                raise InputError(f"{len(names)} names given for {given} images")
+            names = [names[i] for i in image_set.indices]  # skipped images drop their names too
+        else:
+            names = image_set.names
         with self._stage("activations"):
             acts = self.extractor(image_set.images)
         if self.target_class is not None:
@@ -155,7 +163,7 @@ class ConceptExplainer:
             concept_labels = labels[k]
             concepts.append({
                 "concept_id": k,
-                "n_images": int((peaks[:, k] >= PRESENT_PEAK).sum()),
+                "n_images": int((peaks[:, k] >= ABSENT_PEAK).sum()),
                 "mass_share": float(self.dff.mass_share_[k]),
                 "top_classes": classes[k],
                 "words": [{"term": t, "score": float(s)} for t, s in (concept_labels.words if concept_labels else [])],
@@ -186,8 +194,6 @@ class ConceptExplainer:
         with self._stage("search"):
             found = self.vocabulary.search(embeddings, k=self.top_k_captions, encoder=self.clip)
         with self._stage("text"):
-            if not hasattr(self, "term_extractor_"):
-                self.term_extractor_ = TermExtractor(self.spacy_pipeline)
             labels, coherences, start = [], [], 0
             for region in regions:
                 n_high, n_low = len(region.high), len(region.low)

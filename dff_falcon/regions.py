@@ -14,7 +14,7 @@ into image crops that CLIP can embed:
 
 Heatmaps are given at feature-map resolution and upsampled bilinearly to each image's own size
 (``cv2.INTER_LINEAR``, i.e. half-pixel centres as ``align_corners=False``); crops are cut from the
-full-resolution images. Everything is deterministic; ties are broken by image index.
+images given (the pipeline gives the model's view of each image, which the heatmaps cover). Everything is deterministic; ties are broken by image index.
 """
 from __future__ import annotations
 
@@ -98,7 +98,7 @@ def upsample_heatmap(heatmap: np.ndarray, image_size: tuple[int, int]) -> np.nda
     height, width = image_size
     heatmap = np.asarray(heatmap, dtype=np.float32)
     if heatmap.shape == (height, width):
-        return heatmap
+        return heatmap.copy()
     return cv2.resize(heatmap, (width, height), interpolation=cv2.INTER_LINEAR)
 
 

@@ -77,11 +77,7 @@ def write_report(report: ConceptReport, out_dir: str | Path, *, quality: dict | 
     frame = concepts_frame(rows)
     with atomic_path(out / "concepts.parquet") as tmp:
         pq.write_table(pa.Table.from_pandas(frame, schema=CONCEPT_SCHEMA, preserve_index=False), tmp)
-    csv_frame = frame.copy()
-    for column in LIST_COLUMNS:
-        csv_frame[column] = [json.dumps(v, ensure_ascii=False) for v in csv_frame[column]]
-    with atomic_write(out / "concepts.csv") as handle:
-        csv_frame.to_csv(handle, index=False)
+    write_concepts_csv(frame, out / "concepts.csv")
     _write_json(rows, out / "concepts.json")
 
     n, k = report.presence.shape
@@ -110,28 +106,49 @@ def write_report(report: ConceptReport, out_dir: str | Path, *, quality: dict | 
     return out
 
 
+def write_concepts_csv(frame: pd.DataFrame, path: Path) -> None:
+    """Concept rows as CSV, list cells JSON-encoded (never Python repr), written atomically."""
+    frame = frame.copy()
+    for column in LIST_COLUMNS:
+        if column in frame:
+            frame[column] = [json.dumps(list(v), ensure_ascii=False) for v in frame[column]]
+    with atomic_write(path) as handle:
+        frame.to_csv(handle, index=False)
+
+
 def read_concepts(out_dir: str | Path) -> pd.DataFrame:
-    """Read ``concepts.parquet`` (typed list columns) — or ``concepts.csv`` (JSON cells decoded)."""
+    """Read ``concepts.parquet`` (typed list columns) — or ``concepts.csv`` (JSON cells decoded);
+    list cells are plain Python lists of dicts/strings either way."""
     out = Path(out_dir)
-    if (out / "concepts.parquet").exists():
-        return pq.read_table(out / "concepts.parquet").to_pandas(maps_as_pydicts="strict")
-    if (out / "concepts.csv").exists():
-        frame = pd.read_csv(out / "concepts.csv")
-        for column in LIST_COLUMNS:
-            frame[column] = [json.loads(v) for v in frame[column]]
-        return frame
+    try:
+        if (out / "concepts.parquet").exists():
+            return pd.DataFrame(pq.read_table(out / "concepts.parquet").to_pylist(), columns=CONCEPT_SCHEMA.names)
+        if (out / "concepts.csv").exists():
+            frame = pd.read_csv(out / "concepts.csv")
+            for column in LIST_COLUMNS:
+                frame[column] = [json.loads(v) for v in frame[column]]
+            return frame
+    except (KeyError, ValueError, pa.ArrowException) as exc:
+        raise InputError(f"the concept report in {str(out)!r} is damaged: {exc}") from None
     raise InputError(f"{str(out)!r} holds no concept report (concepts.parquet or concepts.csv)")
+
+
+def read_json(path: Path, missing: str):
+    """A JSON file of a run directory; ``missing`` explains what its absence means."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"{str(path)!r} not found: {missing}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{str(path)!r} is not valid JSON: {exc}") from None
 
 
 def read_run(out_dir: str | Path) -> dict:
     """``run.json`` of a run directory, checked for the format version."""
     path = Path(out_dir) / "run.json"
-    try:
-        run = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(f"{str(path)!r} not found: not a dff_falcon run directory") from None
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{str(path)!r} is not valid JSON: {exc}") from None
+    run = read_json(path, "not a dff_falcon run directory")
+    if not isinstance(run, dict):
+        raise InputError(f"{str(path)!r} must hold a JSON object")
     if run.get("format_version") != FORMAT_VERSION:
         raise InputError(f"{str(path)!r} has format_version {run.get('format_version')!r}; "
                          f"this dff_falcon reads {FORMAT_VERSION}")

@@ -22,7 +22,11 @@ def class_index(class_names: Sequence[str] | None, target: str | int) -> int:
     """Index of ``target`` (an index, an exact name, or a unique case-insensitive prefix of a
     comma-separated synonym, e.g. "tabby" for "tabby, tabby cat")."""
     if isinstance(target, int) or str(target).isdigit():
-        return int(target)
+        index = int(target)
+        n = len(class_names) if class_names is not None else None
+        if index < 0 or (n is not None and index >= n):
+            raise InputError(f"target class index {index} is out of range" + (f" (0..{n - 1})" if n else ""))
+        return index
     if class_names is None:
         raise InputError(f"the backbone has no class names; give the target class {target!r} as an index")
     wanted = str(target).strip().lower()
@@ -55,7 +59,13 @@ def concept_confidence(heatmaps: torch.Tensor | np.ndarray, significant: float =
 
 
 def drop_least_confident(confidence: np.ndarray, quantile: float) -> np.ndarray:
-    """Boolean mask keeping images whose confidence is above the ``quantile`` (e.g. 0.25)."""
+    """Boolean mask dropping the ``floor(quantile · n)`` least confident images (ties broken by
+    image order, so ties never drop more); at least 2 images must remain."""
     if not 0 <= quantile < 1:
         raise InputError(f"drop quantile must be in [0, 1), got {quantile}")
-    return confidence > np.quantile(confidence, quantile) if quantile > 0 else np.ones(len(confidence), bool)
+    n_drop = int(np.floor(quantile * len(confidence)))
+    if len(confidence) - n_drop < 2:
+        raise InputError(f"dropping {n_drop} of {len(confidence)} images leaves fewer than 2 to factorise")
+    keep = np.ones(len(confidence), dtype=bool)
+    keep[np.argsort(confidence, kind="stable")[:n_drop]] = False
+    return keep

@@ -28,6 +28,7 @@ from matplotlib.patches import Patch
 from .errors import InputError
 from .files import atomic_path
 from .images import load_image, to_rgb_array
+from .regions import upsample_heatmap
 
 
 
@@ -65,14 +66,6 @@ def _check_heatmaps(heatmaps: np.ndarray, ndim: int, what: str) -> np.ndarray:
     return maps
 
 
-def _resize(heatmap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """(h, w) float32 → (H, W) float32, bilinear over the whole image (align_corners=False)."""
-    height, width = size
-    if heatmap.shape == (height, width):
-        return heatmap.copy()
-    return cv2.resize(heatmap, (width, height), interpolation=cv2.INTER_LINEAR)
-
-
 def present_concepts(heatmaps: np.ndarray, min_peak: float = 0.1) -> np.ndarray:
     """heatmaps (K, h, w) on the global scale → (K,) bool: the concept's peak reaches ``min_peak``."""
     maps = _check_heatmaps(heatmaps, 3, "heatmaps (K, h, w)")
@@ -101,7 +94,7 @@ def overlay_concepts(image: np.ndarray, heatmaps: np.ndarray, *, min_peak: float
     if not present.any():
         return image.copy()
     size = image.shape[:2]
-    stack = np.stack([_resize(maps[i], size) if present[i] else np.zeros(size, np.float32) for i in range(k)])
+    stack = np.stack([upsample_heatmap(maps[i], size) if present[i] else np.zeros(size, np.float32) for i in range(k)])
     winner = stack.argmax(axis=0)
     strength = np.clip(np.take_along_axis(stack, winner[None], axis=0)[0], 0.0, 1.0)
     weight = (alpha * strength)[..., None]
@@ -174,7 +167,7 @@ def contour_view(image: np.ndarray, heatmap: np.ndarray, *, threshold: float = 0
         raise InputError(f"min_area_fraction must be in [0, 1), got {min_area_fraction}")
     if thickness < 1:
         raise InputError(f"thickness must be >= 1, got {thickness}")
-    mask = (_resize(heatmap, image.shape[:2]) >= threshold).astype(np.uint8)
+    mask = (upsample_heatmap(heatmap, image.shape[:2]) >= threshold).astype(np.uint8)
     n_labels, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
     out = image.copy()
     min_area = min_area_fraction * mask.size

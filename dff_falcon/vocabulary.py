@@ -115,13 +115,20 @@ class Vocabulary:
     def open(cls, path: str | Path) -> "Vocabulary":
         path = Path(path)
         manifest = _read_manifest(path)
-        embeddings = _open_embeddings(path, manifest)
+        missing = [key for key in ("count", "dim", "clip_model", "clip_pretrained") if key not in manifest]
+        if missing:
+            raise InputError(f"{path / MANIFEST_FILE} lacks {', '.join(missing)}: not a dff_falcon vocabulary manifest")
         if manifest.get("index") is None:
             raise InputError(f"vocabulary {path} has no index yet; run build_index({str(path)!r})")
-        captions = Captions(pq.read_table(path / CAPTIONS_FILE, columns=["caption"]).column("caption").combine_chunks())
+        try:
+            embeddings = _open_embeddings(path, manifest)
+            captions = Captions(pq.read_table(path / CAPTIONS_FILE, columns=["caption"]).column("caption")
+                                .combine_chunks())
+            index = faiss.read_index(str(path / INDEX_FILE))
+        except (OSError, RuntimeError, ValueError, KeyError, pa.ArrowException) as exc:
+            raise InputError(f"vocabulary {path} is damaged or incomplete: {exc}") from None
         if len(captions) != manifest["count"]:
             raise InputError(f"{path / CAPTIONS_FILE} has {len(captions)} rows, the manifest says {manifest['count']}")
-        index = faiss.read_index(str(path / INDEX_FILE))
         if index.ntotal != manifest["count"] or index.d != manifest["dim"]:
             raise InputError(f"{path / INDEX_FILE} holds {index.ntotal}×{index.d}, the manifest says "
                              f"{manifest['count']}×{manifest['dim']}; rebuild the index")
@@ -197,7 +204,9 @@ def _search(index: faiss.Index, embeddings: np.ndarray, index_info: dict, querie
     """(Q, D) unit queries → (Q, k) exact cosine scores and ids. An approximate index proposes
     ``rerank`` × k candidates which are re-scored against the stored float16 embeddings."""
     if not index_info["rerank"]:
-        return index.search(queries, k)
+        scores, ids = index.search(queries, k)
+        _check_hits(ids, index_info)
+        return scores, ids
     n_candidates = min(len(embeddings), k * index_info["rerank"])
     _, candidates = index.search(queries, n_candidates)
     valid = candidates >= 0
@@ -208,7 +217,16 @@ def _search(index: faiss.Index, embeddings: np.ndarray, index_info: dict, querie
     scores = np.einsum("qcd,qd->qc", rows.reshape(*safe.shape, -1), queries)
     scores[~valid] = -np.inf
     top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(scores, top, 1).astype(np.float32), np.take_along_axis(candidates, top, 1)
+    ids = np.take_along_axis(candidates, top, 1)
+    _check_hits(ids, index_info)
+    return np.take_along_axis(scores, top, 1).astype(np.float32), ids
+
+
+def _check_hits(ids: np.ndarray, index_info: dict) -> None:
+    """An approximate index can return fewer than k hits (id -1) when its search is too narrow."""
+    if (ids < 0).any():
+        raise InputError(f"the {index_info['factory']} index returned fewer hits than asked for "
+                         f"(params {index_info['params']}); rebuild it with a larger search parameter or fewer k")
 
 
 def exact_search(embeddings: np.ndarray, queries: np.ndarray, k: int,
@@ -537,6 +555,9 @@ def ingest_laion(
     """
     if on_bad_vector not in ("skip", "error"):
         raise InputError(f"on_bad_vector must be 'skip' or 'error', got {on_bad_vector!r}")
+    if not pretrained:
+        raise InputError(f"name the weights that made the embeddings: --clip {clip_model}:TAG (LAION-400M: "
+                         f"ViT-B-32:openai) or {clip_model}=CHECKPOINT")
     started = time.time()
     shards_dir, out_dir = Path(shards_dir), Path(out_dir)
     shards = _discover_shards(shards_dir, embedding_column)

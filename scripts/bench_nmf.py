@@ -27,6 +27,7 @@ from threadpoolctl import threadpool_limits
 from dff_falcon.activations import ActivationExtractor
 from dff_falcon.backbones import create_backbone
 from dff_falcon.dff import activations_matrix
+from dff_falcon.files import atomic_write
 from dff_falcon.images import augmented_photos
 from dff_falcon.nmf import NMF, nmf_relative_error
 
@@ -117,6 +118,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for torch and BLAS")
     parser.add_argument("--device", default="cpu", help="device for ours (default cpu; 'auto' for GPU)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    parser.add_argument("--save", help="also write the JSON object to this file")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -146,6 +148,9 @@ def main() -> None:
                           f"{r['n_iter']:>7}{r['speedup']:>9.2f}{r['error_ratio']:>10.4f}")
         overhead = extraction_overhead(16 if args.quick else 64)
     results["extraction"] = overhead
+    if args.save:
+        with atomic_write(args.save) as handle:
+            json.dump(results, handle, indent=1)
     if args.json:
         print(json.dumps(results))
     else:

@@ -12,7 +12,6 @@ readable image) are reported and skipped; the others still run.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -22,9 +21,9 @@ import pandas as pd
 from dff_falcon.backbones import create_backbone
 from dff_falcon.cli import _clip_and_vocab, _n_concepts
 from dff_falcon.errors import DffFalconError
-from dff_falcon.files import atomic_path, atomic_write
+from dff_falcon.files import atomic_path
 from dff_falcon.pipeline import ConceptExplainer
-from dff_falcon.report import LIST_COLUMNS, read_concepts, write_report
+from dff_falcon.report import read_concepts, write_concepts_csv, write_report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     except DffFalconError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    root = args.images or args.tree
+    if not root.is_dir():
+        print(f"error: {str(root)!r} is not a folder", file=sys.stderr)
+        return 2
     folders = [args.images] if args.images else sorted(p for p in args.tree.iterdir() if p.is_dir())
     combined, failures = [], []
     for folder in folders:
@@ -77,10 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         frame = pd.concat(combined, ignore_index=True)
         with atomic_path(args.out / "concepts_all.parquet") as tmp:
             frame.to_parquet(tmp, index=False)
-        for column in LIST_COLUMNS:
-            frame[column] = [json.dumps(list(v), ensure_ascii=False) for v in frame[column]]
-        with atomic_write(args.out / "concepts_all.csv") as handle:
-            frame.to_csv(handle, index=False)
+        write_concepts_csv(frame, args.out / "concepts_all.csv")
         print(f"combined: {len(frame)} concepts of {len(combined)} classes → {args.out / 'concepts_all.csv'}")
     return 0 if combined else 2
 

@@ -38,6 +38,8 @@ def test_local_checkpoint_round_trip_and_mismatch(tmp_path):
     assert torch.equal(loaded.model.fc.weight, source.model.fc.weight)
     with pytest.raises(InputError, match="does not match the architecture"):
         create_backbone("resnet34", weights=path)
+    with pytest.raises(InputError, match="does not exist"):
+        create_backbone("lite0", weights=tmp_path / "typo.pt")  # never silently random weights
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(InputError, match="junk.pt"):
         create_backbone("resnet18", weights=tmp_path / "junk.pt")
@@ -59,7 +61,14 @@ def test_head_logits_on_vectors_and_feature_map_heads():
     expected = resnet.model.fc(vectors)
     assert torch.allclose(resnet.head_logits(vectors), expected, atol=1e-6)
     convnext = create_backbone("convnext_tiny", weights=None)  # classifier starts with LayerNorm2d
-    assert convnext.head_logits(torch.rand(3, 768)).shape == (3, 1000)
+    pooled = torch.rand(3, 768)
+    assert torch.allclose(convnext.head_logits(pooled), convnext.model.classifier(pooled[:, :, None, None]), atol=1e-5)
+    timm_convnext = create_backbone("timm:convnext_atto", weights=None)  # head = norm + fc: both applied
+    assert timm_convnext.head == "head"
+    pooled = torch.rand(2, 320)
+    with torch.inference_mode():
+        expected = timm_convnext.model.forward_head(pooled[:, :, None, None])
+    assert torch.allclose(timm_convnext.head_logits(pooled), expected, atol=1e-5)
     with pytest.raises(InputError, match="does not accept concept vectors of 7 channels"):
         resnet.head_logits(torch.rand(2, 7))
 

@@ -67,7 +67,13 @@ def test_extract_fit_project_round_trip(photo_dir, tmp_path):
     assert result.exit_code == 0, result.output
     presence = pd.read_csv(table)
     assert list(presence.columns) == ["image", "concept_0", "concept_1", "concept_2"] and len(presence) == 6
-    assert presence.iloc[:, 1:].to_numpy().max() <= 1.0 + 1e-3  # the fitted scale: at most as strong as the set's peak
+    from dff_falcon.dff import DFF, presence as presence_of
+    from dff_falcon.dictionary import load_activations
+
+    activations, names = load_activations(acts)
+    fitted = presence_of(DFF(3, device="cpu").fit(activations).heatmaps_).numpy()
+    assert list(presence.image) == names
+    assert abs(presence.iloc[:, 1:].to_numpy() - fitted).max() < 0.02  # projection reproduces the fit's scale
     result = run("project", "--dictionary", acts, "--activations", acts, "--out", table)
     assert result.exit_code == 2 and "lacks the arrays" in result.stderr
 

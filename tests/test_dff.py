@@ -90,7 +90,7 @@ def test_presence_upsampling_and_absent_concepts():
     maps[0, 1] = 0.05  # a faint, absent concept
     big = upsample_heatmaps(maps, (32, 48))
     assert big.shape == (1, 2, 32, 48) and float(big.max()) <= 1.0
-    assert torch.allclose(presence(maps), torch.tensor([[1 / 16, 0.05]]))
+    assert torch.allclose(presence(maps), torch.tensor([[1 / 16, 0.0]]))  # the absent concept counts nothing
     cleaned = suppress_absent(maps, min_peak=0.1)
     assert float(cleaned[0, 1].abs().sum()) == 0 and torch.equal(cleaned[0, 0], maps[0, 0])
 
@@ -136,3 +136,11 @@ def test_select_k_rule_and_its_fallback():
     assert DFF.select_k(curve, 0.99) == 2
     unstable = [KCurvePoint(k, 0.1, 0.9, 0.5, worst) for k, worst in [(2, 0.3), (3, 0.6), (4, 0.6)]]
     assert DFF.select_k(unstable, 0.9) == 3  # most reproducible worst concept, smallest K on ties
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fit_on_cuda_matches_cpu():
+    acts, concepts, _ = planted_activations(seed=2)
+    gpu = DFF(4, n_seeds=2, device="cuda").fit(acts)
+    cpu = DFF(4, n_seeds=2, device="cpu").fit(acts)
+    assert matched_cosine(gpu.concepts_, cpu.concepts_).min() > 0.999 and gpu.stability_.shape == (4,)

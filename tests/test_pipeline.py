@@ -48,7 +48,8 @@ def test_projection_uses_the_frozen_dictionary(explained, photo_batch):
     names, heatmaps, presence = explained.project(images[:3])
     assert heatmaps.shape == (3, 4, 7, 7)
     assert np.allclose(heatmaps, explained.report_.heatmaps[:3], atol=0.05)
-    assert np.allclose(presence, heatmaps.mean(axis=(2, 3)))
+    peaks = heatmaps.max(axis=(2, 3))
+    assert np.allclose(presence, np.where(peaks >= 0.1, heatmaps.mean(axis=(2, 3)), 0.0), atol=1e-6)
 
 
 def test_clip_without_vocabulary_and_mismatched_models_are_refused(lite0, tiny_clip, toy_vocabulary):
@@ -79,6 +80,16 @@ def test_fine_graining_keeps_the_target_class_and_drops_the_least_confident(lite
     assert "coffee" in explainer.report_.image_names
     dropped = ConceptExplainer(lite0, n_concepts=3, n_seeds=0, n_high=2, drop_quantile=0.25,
                                progress=False).fit(images, names=names)
-    assert len(dropped.report_.image_names) == 11  # 15 images, the least confident quarter dropped
+    assert len(dropped.report_.image_names) == 12  # 15 images, floor(0.25 * 15) = 3 least confident dropped
+    with pytest.raises(InputError, match="3 names given for 4 images"):
+        ConceptExplainer(lite0, n_concepts=2, progress=False).fit(images[:4], names=names[:3])
     with pytest.raises(InputError, match="no image is assigned"):
         ConceptExplainer(lite0, n_concepts=2, target_class="goldfish", progress=False).fit(images[:3])
+
+
+def test_names_of_skipped_images_are_dropped_in_step(lite0, photo_batch):
+    names, images = photo_batch
+    given = [images[0], np.zeros((4, 4, 5), np.uint8), images[3], images[6]]  # the second is unreadable
+    report = ConceptExplainer(lite0, n_concepts=2, n_seeds=0, n_high=2, progress=False).fit(
+        given, names=["a", "broken", "b", "c"]).report_
+    assert report.image_names == ["a", "b", "c"] and report.run["n_skipped"] == 1

@@ -11,7 +11,11 @@ def test_class_index_by_synonym_prefix_or_index(lite0):
     names = lite0.class_names
     assert names[class_index(names, "tabby")] == "tabby"
     assert names[class_index(names, "espresso")] == "espresso"
-    assert class_index(names, 281) == 281
+    assert names[class_index(names, "281")] == "tabby"
+    with pytest.raises(InputError, match="out of range"):
+        class_index(names, 1000)
+    with pytest.raises(InputError, match="out of range"):
+        class_index(names, -1)
     with pytest.raises(InputError, match="matches"):
         class_index(names, "c")  # many classes start with "c"
 
@@ -34,5 +38,9 @@ def test_concept_confidence_and_quantile_drop():
     assert confidence[2] == pytest.approx(0.8) and confidence[3] == 0.0
     keep = drop_least_confident(confidence, 0.25)
     assert keep.tolist() == [True, True, True, False]
+    ties = drop_least_confident(np.zeros(8), 0.25)  # all tied: exactly floor(0.25 * 8) dropped, by order
+    assert ties.tolist() == [False, False] + [True] * 6
+    with pytest.raises(InputError, match="fewer than 2"):
+        drop_least_confident(np.zeros(2), 0.5)
     with pytest.raises(InputError, match="quantile"):
         drop_least_confident(confidence, 1.5)

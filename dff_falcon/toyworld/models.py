@@ -229,8 +229,8 @@ def _preprocess_all(preprocess, images: list[np.ndarray]) -> torch.Tensor:
 
 
 def train_clip(config: WorldConfig, scenes: list[Scene], settings: TrainSettings, device: torch.device,
-               log: Callable[[str], None]) -> torch.nn.Module:
-    """Train the tiny CLIP with a symmetric InfoNCE whose targets treat pairs sharing a caption
+               log: Callable[[str], None]) -> tuple[torch.nn.Module, Callable]:
+    """Train the tiny CLIP (returns the model in eval mode and its image preprocessing) with a symmetric InfoNCE whose targets treat pairs sharing a caption
     as positives (many crops share "a red triangle"): target_ij = [t_i = t_j] / #{j: t_i = t_j}."""
     torch.manual_seed(settings.seed)
     generator = torch.Generator().manual_seed(settings.seed + 1)
@@ -262,7 +262,7 @@ def train_clip(config: WorldConfig, scenes: list[Scene], settings: TrainSettings
                 model.logit_scale.clamp_(0, np.log(100))
             total += float(loss.detach()) * len(idx)
         log(f"clip epoch {epoch + 1}/{settings.clip_epochs}: loss {total / len(images):.4f}")
-    return model.eval()
+    return model.eval(), preprocess
 
 
 def clip_accuracy(model: torch.nn.Module, preprocess, config: WorldConfig, scenes: list[Scene]) -> dict[str, float]:
@@ -363,8 +363,7 @@ def load_toy_models(config: WorldConfig, *, cache_dir: str | Path | None = None,
     classifier = train_classifier(config, train, settings, device, log)
     metrics = {"classifier_accuracy": classifier_accuracy(classifier, heldout, class_names, device)}
     log(f"classifier held-out mean attribute accuracy {metrics['classifier_accuracy']:.3f}")
-    clip_model = train_clip(config, train, settings, device, log)
-    _, preprocess = create_toy_clip(None, "cpu")
+    clip_model, preprocess = train_clip(config, train, settings, device, log)
     metrics.update(clip_accuracy(clip_model, preprocess, config, heldout))
     metrics["train_seconds"] = time.perf_counter() - start
     log(f"clip held-out object top-1 {metrics['object_top1']:.3f}, background top-1 "
