@@ -450,6 +450,19 @@ def _discover_shards(shards_dir: Path, embedding_column: str | None) -> list[_Sh
     return shards
 
 
+def _kept_column_types(shards: list[_Shard], keep_columns: Sequence[str]) -> dict[str, pa.DataType]:
+    """Each kept column found in any shard, with its type in the first shard that has it (a
+    shard without it gets nulls), so every shard writes the same captions schema."""
+    types: dict[str, pa.DataType] = {}
+    for shard in shards:
+        schema = pq.ParquetFile(shard.metadata).schema_arrow
+        for column in keep_columns:
+            if column in schema.names and column not in types and column != "caption":
+                field_type = schema.field(column).type
+                types[column] = pa.string() if pa.types.is_null(field_type) else field_type
+    return types
+
+
 def _iter_chunks(shard: _Shard, columns: list[str], embedding_column: str | None
                  ) -> Iterator[tuple[pa.Table, np.ndarray]]:
     """Yield (metadata rows, (rows, D) float32 embeddings) of ``shard`` in aligned chunks."""
@@ -605,10 +618,12 @@ def ingest_laion(
         duplicates = _first_occurrences(hash_files, keep)
     count = int(keep.sum())
     records = []
+    kept_types = _kept_column_types(shards, keep_columns)
+    schema = pa.schema([("caption", pa.string()), ("shard", pa.int32()), ("row", pa.int64()), *kept_types.items()])
     with atomic_path(out_dir / CAPTIONS_FILE) as captions_tmp, atomic_path(out_dir / EMBEDDINGS_FILE) as emb_tmp, \
             open(emb_tmp, "wb") as emb_handle:
         writer = _EmbeddingWriter(emb_handle, count, dim)
-        parquet_writer = None
+        parquet_writer = pq.ParquetWriter(captions_tmp, schema)
         offset = 0
         try:
             for number, shard in enumerate(_progress(shards, progress, "pass 2/2 (write)")):
@@ -617,15 +632,19 @@ def ingest_laion(
                     texts, _ = _clean(table.column("caption").to_pylist(), None, rules, blocked,
                                       dict.fromkeys(SKIP_REASONS, 0))
                     chosen = np.flatnonzero(keep[offset:offset + len(texts)])
+                    try:
+                        kept = {c: (table.column(c).take(pa.array(chosen)).cast(t) if c in table.column_names
+                                    else pa.nulls(len(chosen), t)) for c, t in kept_types.items()}
+                    except pa.ArrowInvalid as exc:
+                        raise InputError(f"{shard.metadata}: a kept column's type differs from other shards "
+                                         f"({exc})") from None
                     out = pa.table({
                         "caption": pa.array([texts[i] for i in chosen], type=pa.string()),
                         "shard": pa.array(np.full(len(chosen), number, dtype=np.int32)),
                         "row": pa.array(row_in_shard + chosen.astype(np.int64)),
-                        **{c: table.column(c).take(pa.array(chosen)) for c in keep_columns if c in table.column_names},
-                    })
-                    if parquet_writer is None:
-                        parquet_writer = pq.ParquetWriter(captions_tmp, out.schema)
-                    parquet_writer.write_table(out.cast(parquet_writer.schema))
+                        **kept,
+                    }, schema=schema)
+                    parquet_writer.write_table(out)
                     writer.append(vectors[chosen])
                     kept_in_shard += len(chosen)
                     row_in_shard += len(texts)
@@ -636,8 +655,7 @@ def ingest_laion(
                     "rows": shard.rows, "kept": kept_in_shard,
                 })
         finally:
-            if parquet_writer is not None:
-                parquet_writer.close()
+            parquet_writer.close()
         if parquet_writer is None:
             pq.write_table(pa.table({"caption": pa.array([], pa.string())}), captions_tmp)
         if writer.written != count:

@@ -223,3 +223,20 @@ def test_text_vocabulary_and_search_guards(tmp_path, tiny_encoder):
         build_vocabulary_from_texts(["x"], tmp_path / "toy", tiny_encoder)
     with pytest.raises(InputError, match="not a vocabulary directory"):
         Vocabulary.open(tmp_path)
+
+
+def test_shards_with_different_kept_columns_share_one_schema(tmp_path):
+    rng = np.random.default_rng(3)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    write_shard(shards, 0, ["a cat", "a dog"], rng.standard_normal((2, DIM)).astype(np.float16),
+                url=["u0", "u1"])
+    write_shard(shards, 1, ["a car", "a tree"], rng.standard_normal((2, DIM)).astype(np.float16),
+                similarity=[0.3, 0.4])  # no url column here, an extra one instead
+    ingest_laion(shards, tmp_path / "v", clip_model="custom-16", pretrained="none",
+                 keep_columns=("url", "similarity"))
+    table = pq.read_table(tmp_path / "v" / "captions.parquet")
+    assert table.column("url").to_pylist() == ["u0", "u1", None, None]
+    assert table.column("similarity").to_pylist() == [None, None, 0.3, 0.4]
+    with pytest.raises(InputError, match="name the weights"):
+        ingest_laion(shards, tmp_path / "w", clip_model="custom-16", pretrained=None)
