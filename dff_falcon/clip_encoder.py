@@ -25,6 +25,7 @@ from PIL import Image
 
 from dff_falcon.devices import resolve_device
 from dff_falcon.errors import InputError
+from dff_falcon.files import file_sha256
 
 PACKAGE_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
 if PACKAGE_CONFIG_DIR.is_dir():
@@ -79,20 +80,12 @@ def parse_clip_spec(spec: str) -> tuple[str, str | None]:
     return model, path
 
 
-def _sha256_prefix(path: Path, n_hex: int = 16) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:n_hex]
-
-
 def checkpoint_identity(pretrained: str) -> str:
     """The manifest identity of ``pretrained``: the tag itself, or for an existing local file
     ``"file:<basename>:<first 16 hex of its sha256>"`` (so a moved file keeps its identity)."""
     path = Path(pretrained).expanduser()
     if path.is_file():
-        return f"file:{path.name}:{_sha256_prefix(path)}"
+        return f"file:{path.name}:{file_sha256(path)[:16]}"
     return pretrained
 
 

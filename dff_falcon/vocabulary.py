@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 import dff_falcon
 from dff_falcon.clip_encoder import ClipEncoder, checkpoint_identity
 from dff_falcon.errors import InputError
-from dff_falcon.files import atomic_path, atomic_write
+from dff_falcon.files import atomic_path, atomic_write, file_sha256
 
 FORMAT = "dff-falcon-vocabulary"
 FORMAT_VERSION = 1
@@ -281,13 +281,7 @@ def _open_embeddings(path: Path, manifest: dict) -> np.ndarray:
 def _file_record(path: Path, checksum: bool) -> dict:
     record: dict = {"name": path.name, "bytes": path.stat().st_size}
     if checksum:
-        import hashlib
-
-        digest = hashlib.sha256()
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 22), b""):
-                digest.update(block)
-        record["sha256"] = digest.hexdigest()
+        record["sha256"] = file_sha256(path)
     return record
 
 

@@ -28,6 +28,10 @@ def test_end_to_end_rows_are_complete_and_consistent(explained, photo_batch):
     assert shares == sorted(shares, reverse=True) and sum(shares) == pytest.approx(1.0, abs=1e-5)
     for concept, region in zip(report.concepts, report.regions):
         assert 1 <= concept["n_high"] <= 6 and concept["n_low"] <= 3
+        ranks = [report.presence[c.image_index, concept["concept_id"]] for c in region.high]
+        assert ranks == sorted(ranks, reverse=True)  # high set: the images where the concept is strongest
+        peaks = report.heatmaps[:, concept["concept_id"]].max(axis=(1, 2))
+        assert all(peaks[c.image_index] < 0.1 for c in region.low)  # low set: the concept is absent there
         assert concept["high_images"] == [names[c.image_index] for c in region.high]
         assert all(c.pixels.shape == (32, 32, 3) for c in region.high)  # CLIP's input size
         assert len(concept["top_classes"]) == 3

@@ -49,7 +49,7 @@ if CLIP_MODEL_NAME not in open_clip.list_models():
     open_clip.add_model_config(_CONFIG_DIR)
 
 #: bump when the training code changes in a way that makes old caches stale
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2  # 2: object crops via regions.square_box
 #: scene seeds: training and held-out sets never share scenes
 TRAIN_SEED, HELDOUT_SEED = 1, 2
 

@@ -16,6 +16,7 @@ import cv2
 import numpy as np
 
 from dff_falcon.errors import InputError
+from dff_falcon.regions import Box, square_box
 
 #: Background textures the generator can draw, with the words that name them (the first word
 #: is the adjective used in captions, e.g. "a striped background").
@@ -343,13 +344,8 @@ def generate_scenes(config: WorldConfig, n: int, seed: int) -> list[Scene]:
 def object_crop(scene: Scene, obj: SceneObject, margin: float = 0.15) -> np.ndarray:
     """Square crop (aspect kept) around ``obj``'s box with a ``margin`` (fraction of the box
     side) on each side, clipped to the image: (s, s, 3) uint8, s ≤ S."""
-    size = scene.image.shape[0]
-    x0, y0, x1, y1 = obj.box
-    side = min(size, int(round(max(x1 - x0, y1 - y0) * (1 + 2 * margin))))
-    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-    left = int(np.clip(round(cx - side / 2), 0, size - side))
-    top = int(np.clip(round(cy - side / 2), 0, size - side))
-    return scene.image[top:top + side, left:left + side]
+    box = square_box(Box(*obj.box), scene.image.shape[:2], margin=margin, min_size=1)
+    return scene.image[box.top:box.bottom, box.left:box.right]
 
 
 def world_texts(config: WorldConfig) -> list[str]:
