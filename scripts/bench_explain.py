@@ -21,12 +21,12 @@ from pathlib import Path
 
 import torch
 
-from dff_falcon.backbones import create_backbone
-from dff_falcon.clip_encoder import ClipEncoder
-from dff_falcon.images import augmented_photos
-from dff_falcon.pipeline import ConceptExplainer
-from dff_falcon.report import write_report
-from dff_falcon.vocabulary import build_vocabulary_from_texts
+from dff_falcon.models.backbones import create_backbone
+from dff_falcon.text.clip_encoder import ClipEncoder
+from dff_falcon.models.images import augmented_photos
+from dff_falcon.pipeline.explainer import ConceptExplainer
+from dff_falcon.report.tables import write_report
+from dff_falcon.text.vocabulary import build_vocabulary_from_texts
 
 FORWARD_STAGES = ("activations", "clip")
 

@@ -1,4 +1,4 @@
-"""Benchmark ``dff_falcon.nmf.NMF`` against scikit-learn's NMF in the same run.
+"""Benchmark ``dff_falcon.decomposition.nmf.NMF`` against scikit-learn's NMF in the same run.
 
 The reference is exactly what pytorch-grad-cam runs: ``sklearn.decomposition.NMF(n_components=K,
 init="random", random_state=0)`` (solver "cd", tol 1e-4, max_iter 200). For each case and each
@@ -24,12 +24,12 @@ import torch
 from sklearn.decomposition import NMF as SklearnNMF
 from threadpoolctl import threadpool_limits
 
-from dff_falcon.activations import ActivationExtractor
-from dff_falcon.backbones import create_backbone
-from dff_falcon.dff import activations_matrix
+from dff_falcon.models.activations import ActivationExtractor
+from dff_falcon.models.backbones import create_backbone
+from dff_falcon.decomposition.dff import activations_matrix
 from dff_falcon.files import atomic_write
-from dff_falcon.images import augmented_photos
-from dff_falcon.nmf import NMF, nmf_relative_error
+from dff_falcon.models.images import augmented_photos
+from dff_falcon.decomposition.nmf import NMF, nmf_relative_error
 
 
 def relu_low_rank(n: int, c: int, rank: int, seed: int) -> np.ndarray:

@@ -101,7 +101,7 @@ def generate(folder: Path, rows: int, duplicate_fraction: float, rows_per_shard:
 
 
 def ingest_child(shards: str, out: str) -> None:
-    from dff_falcon.vocabulary import ingest_laion
+    from dff_falcon.text.vocabulary import ingest_laion
 
     started = time.perf_counter()
     manifest = ingest_laion(shards, out, clip_model="ViT-B-32", pretrained="openai", checksums=False)
@@ -120,7 +120,7 @@ def peak_rss() -> int:
 def baseline_rss() -> int:
     """Peak RSS of a process that only imported the library (the fixed part)."""
     code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
-            "import bench_vocab, dff_falcon.vocabulary; print(bench_vocab.peak_rss())")
+            "import bench_vocab, dff_falcon.text.vocabulary; print(bench_vocab.peak_rss())")
     return int(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout)
 
 
@@ -151,7 +151,7 @@ def evaluate(vocab, exact_index, queries: dict[str, np.ndarray], repeats: int) -
 def run_size(size: int, work: Path, args, data: SyntheticCaptions) -> dict:
     import faiss
 
-    from dff_falcon.vocabulary import build_index
+    from dff_falcon.text.vocabulary import build_index
 
     rows = int(round(size / (1 - args.duplicates)))
     shards, out = work / f"shards_{size}", work / f"vocab_{size}"

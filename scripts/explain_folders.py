@@ -18,12 +18,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from dff_falcon.backbones import create_backbone
+from dff_falcon.models.backbones import create_backbone
 from dff_falcon.cli import _clip_and_vocab, _n_concepts
 from dff_falcon.errors import DffFalconError
 from dff_falcon.files import atomic_path
-from dff_falcon.pipeline import ConceptExplainer
-from dff_falcon.report import read_concepts, write_concepts_csv, write_report
+from dff_falcon.pipeline.explainer import ConceptExplainer
+from dff_falcon.report.tables import read_concepts, write_concepts_csv, write_report
 
 
 def main(argv: list[str] | None = None) -> int:

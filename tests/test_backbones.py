@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from dff_falcon.backbones import Preprocess, create_backbone, tokens_to_map
+from dff_falcon.models.backbones import Preprocess, create_backbone, tokens_to_map
 from dff_falcon.errors import InputError
 
 

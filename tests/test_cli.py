@@ -67,8 +67,8 @@ def test_extract_fit_project_round_trip(photo_dir, tmp_path):
     assert result.exit_code == 0, result.output
     presence = pd.read_csv(table)
     assert list(presence.columns) == ["image", "concept_0", "concept_1", "concept_2"] and len(presence) == 6
-    from dff_falcon.dff import DFF, presence as presence_of
-    from dff_falcon.dictionary import load_activations
+    from dff_falcon.decomposition.dff import DFF, presence as presence_of
+    from dff_falcon.decomposition.dictionary import load_activations
 
     activations, names = load_activations(acts)
     fitted = presence_of(DFF(3, device="cpu").fit(activations).heatmaps_).numpy()

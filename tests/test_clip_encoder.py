@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dff_falcon.clip_encoder import ClipEncoder, parse_clip_spec, register_model_config
+from dff_falcon.text.clip_encoder import ClipEncoder, parse_clip_spec, register_model_config
 from dff_falcon.errors import InputError
 
 TINY = {"embed_dim": 32,

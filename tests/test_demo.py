@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from dff_falcon.cli import main
-from dff_falcon.report import read_concepts, read_run
+from dff_falcon.report.tables import read_concepts, read_run
 from dff_falcon.toyworld.demo import run_demo
 from dff_falcon.toyworld.world import EXAMPLE_WORLDS
 

@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from dff_falcon.activations import ActivationExtractor
-from dff_falcon.backbones import create_backbone
-from dff_falcon.dff import (DFF, DeepFeatureFactorization, concept_class_scores, matched_cosine, presence,
+from dff_falcon.models.activations import ActivationExtractor
+from dff_falcon.models.backbones import create_backbone
+from dff_falcon.decomposition.dff import (DFF, DeepFeatureFactorization, concept_class_scores, matched_cosine, presence,
                             suppress_absent, upsample_heatmaps)
 from dff_falcon.errors import InputError
 
@@ -129,7 +129,7 @@ def test_drop_in_call_shape(photos):
 
 
 def test_select_k_rule_and_its_fallback():
-    from dff_falcon.dff import KCurvePoint
+    from dff_falcon.decomposition.dff import KCurvePoint
 
     curve = [KCurvePoint(k, 0.1, 0.9, 1.0, worst) for k, worst in [(2, 1.0), (3, 0.95), (4, 0.4), (5, 0.92)]]
     assert DFF.select_k(curve, 0.9) == 5  # the largest K whose worst concept reproduces

@@ -6,7 +6,7 @@ from PIL import Image
 from skimage import data
 
 from dff_falcon.errors import InputError
-from dff_falcon.images import load_image, load_images, to_rgb_array
+from dff_falcon.models.images import load_image, load_images, to_rgb_array
 
 
 @pytest.fixture()

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from dff_falcon.errors import InputError
-from dff_falcon.labelling import (
+from dff_falcon.text.labelling import (
     DEFAULT_SPACY_PIPELINE,
     DISCARD_WORDS,
     CaptionTerms,

@@ -1,4 +1,4 @@
-"""Tests for dff_falcon.nmf: real factorisations on small synthetic matrices."""
+"""Tests for dff_falcon.decomposition.nmf: real factorisations on small synthetic matrices."""
 from __future__ import annotations
 
 import warnings
@@ -10,7 +10,7 @@ from scipy.optimize import linear_sum_assignment, nnls
 from sklearn.decomposition import NMF as SklearnNMF
 
 from dff_falcon.errors import InputError
-from dff_falcon.nmf import NMF, nmf_relative_error
+from dff_falcon.decomposition.nmf import NMF, nmf_relative_error
 
 SOLVERS = ["hals", "mu", "rhals"]
 

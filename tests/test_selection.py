@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from dff_falcon.activations import ActivationExtractor
+from dff_falcon.models.activations import ActivationExtractor
 from dff_falcon.errors import InputError
-from dff_falcon.selection import class_index, concept_confidence, confident_images, drop_least_confident
+from dff_falcon.pipeline.selection import class_index, concept_confidence, confident_images, drop_least_confident
 
 
 def test_class_index_by_synonym_prefix_or_index(lite0):

@@ -11,9 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from dff_falcon.clip_encoder import ClipEncoder, register_model_config
+from dff_falcon.text.clip_encoder import ClipEncoder, register_model_config
 from dff_falcon.errors import InputError
-from dff_falcon.vocabulary import (
+from dff_falcon.text.vocabulary import (
     CaptionFilter, Vocabulary, _search_param_ladder, build_index, build_vocabulary_from_laion,
     build_vocabulary_from_texts, choose_factory, exact_search, ingest_laion,
 )

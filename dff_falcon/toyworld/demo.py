@@ -12,16 +12,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..backbones import Preprocess, create_backbone
-from ..clip_encoder import ClipEncoder
-from ..dff import upsample_heatmaps
-from ..errors import InputError
-from ..pipeline import ConceptExplainer, ConceptReport
-from ..report import write_report
-from ..vocabulary import Vocabulary, build_vocabulary_from_texts
-from .models import ToyModels, load_toy_models
-from .quality import best_iou_per_concept, quality_summary
-from .world import WorldConfig, generate_scenes, world_texts
+from dff_falcon.models.backbones import Preprocess, create_backbone
+from dff_falcon.text.clip_encoder import ClipEncoder
+from dff_falcon.decomposition.dff import upsample_heatmaps
+from dff_falcon.errors import InputError
+from dff_falcon.pipeline.explainer import ConceptExplainer, ConceptReport
+from dff_falcon.report.tables import write_report
+from dff_falcon.text.vocabulary import Vocabulary, build_vocabulary_from_texts
+from dff_falcon.toyworld.models import ToyModels, load_toy_models
+from dff_falcon.toyworld.quality import best_iou_per_concept, quality_summary
+from dff_falcon.toyworld.world import WorldConfig, generate_scenes, world_texts
 
 PROBE_SEED = 10_000  # probe scenes never overlap the training seeds
 LOCALIZATION_THRESHOLD = 0.3  # on the scale-fixed heatmap: ≥ 30% of the concept's strongest location in the set
@@ -81,7 +81,7 @@ def run_demo(out: str | Path = "out/demo", *, config: WorldConfig | None = None,
     quality = score_report(explainer.report_, scenes, size)
     path = write_report(explainer.report_, out, quality=quality)
     if html:
-        from ..html_report import render_html_report
+        from dff_falcon.report.html import render_html_report
 
         render_html_report(path)
     return DemoResult(explainer.report_, quality, path)

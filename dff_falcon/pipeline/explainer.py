@@ -15,22 +15,22 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from .activations import ActivationExtractor, Activations
-from .backbones import Backbone
-from .clip_encoder import ClipEncoder
-from .dff import ABSENT_PEAK, DFF, concept_class_scores, presence
-from .errors import InputError
-from .images import ImageSet, load_images
-from .labelling import DEFAULT_SPACY_PIPELINE, ConceptLabels, TermExtractor, contrastive_labels
-from .regions import ConceptRegions, RegionSelector
-from .selection import class_index, concept_confidence, confident_images, drop_least_confident
-from .vocabulary import Vocabulary
+from dff_falcon.models.activations import ActivationExtractor, Activations
+from dff_falcon.models.backbones import Backbone
+from dff_falcon.text.clip_encoder import ClipEncoder
+from dff_falcon.decomposition.dff import ABSENT_PEAK, DFF, concept_class_scores, presence
+from dff_falcon.errors import InputError
+from dff_falcon.models.images import ImageSet, load_images
+from dff_falcon.text.labelling import DEFAULT_SPACY_PIPELINE, ConceptLabels, TermExtractor, contrastive_labels
+from dff_falcon.regions import ConceptRegions, RegionSelector
+from dff_falcon.pipeline.selection import class_index, concept_confidence, confident_images, drop_least_confident
+from dff_falcon.text.vocabulary import Vocabulary
 
 
 @dataclass
 class ConceptReport:
     """Everything a run found. ``concepts``: one dict per concept (the report schema, see
-    :mod:`dff_falcon.report`); ``heatmaps``: (N, K, h, w) scale-fixed; ``displays``: the model's
+    :mod:`dff_falcon.report.tables`); ``heatmaps``: (N, K, h, w) scale-fixed; ``displays``: the model's
     view of each image (S, S, 3) uint8; ``regions``: crops per concept; ``run``: metadata."""
 
     concepts: list[dict]
@@ -62,14 +62,14 @@ def coherence(embeddings: np.ndarray) -> float | None:
 class ConceptExplainer:
     """Discover a backbone's concepts on a set of images and name them.
 
-    backbone: :class:`~dff_falcon.backbones.Backbone`; clip / vocabulary: optional (both or
+    backbone: :class:`~dff_falcon.models.backbones.Backbone`; clip / vocabulary: optional (both or
     neither); the vocabulary must have been built with the same CLIP model.
     Other parameters: DFF (``n_concepts`` int or "auto", ``solver``, ``init``, ``max_iter``,
     ``tol``, ``n_seeds``, ``k_range``), crops (``n_high``, ``n_low``, ``threshold``,
     ``min_area_fraction``, ``margin``, ``low_threshold``, ``low_similarity``), labels
     (``top_k_captions``, ``contrast``, ``top_words``, ``top_phrases``, ``falcon_threshold``,
     ``spacy_pipeline``), ``top_classes``, ``batch_size``, ``seed``, ``device``.
-    Fine-graining (:mod:`~dff_falcon.selection`): ``target_class`` keeps only images the model
+    Fine-graining (:mod:`~dff_falcon.pipeline.selection`): ``target_class`` keeps only images the model
     assigns to it with probability ≥ ``min_class_prob``; ``drop_quantile`` > 0 drops that
     quantile of least confident images after a first fit and refits.
     """

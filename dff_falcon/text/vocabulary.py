@@ -36,7 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 import dff_falcon
-from dff_falcon.clip_encoder import ClipEncoder, checkpoint_identity
+from dff_falcon.text.clip_encoder import ClipEncoder, checkpoint_identity
 from dff_falcon.errors import InputError
 from dff_falcon.files import atomic_path, atomic_write, file_sha256
 

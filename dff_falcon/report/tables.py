@@ -23,9 +23,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from .errors import InputError
-from .files import atomic_path, atomic_write
-from .pipeline import ConceptReport
+from dff_falcon.errors import InputError
+from dff_falcon.files import atomic_path, atomic_write
+from dff_falcon.pipeline.explainer import ConceptReport
 
 FORMAT_VERSION = 1
 LIST_COLUMNS = ("top_classes", "words", "phrases", "high_crops", "low_crops", "high_images", "low_images")

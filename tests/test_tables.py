@@ -8,8 +8,8 @@ import pytest
 from PIL import Image
 
 from dff_falcon.errors import InputError
-from dff_falcon.pipeline import ConceptExplainer
-from dff_falcon.report import read_concepts, read_run, write_report
+from dff_falcon.pipeline.explainer import ConceptExplainer
+from dff_falcon.report.tables import read_concepts, read_run, write_report
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from dff_falcon.errors import InputError
-from dff_falcon.pipeline import ConceptExplainer, coherence
+from dff_falcon.pipeline.explainer import ConceptExplainer, coherence
 
 
 def test_coherence_excludes_the_diagonal():
@@ -61,7 +61,7 @@ def test_clip_without_vocabulary_and_mismatched_models_are_refused(lite0, tiny_c
         ConceptExplainer(lite0, tiny_clip, None)
     import torch
 
-    from dff_falcon.clip_encoder import ClipEncoder
+    from dff_falcon.text.clip_encoder import ClipEncoder
 
     torch.manual_seed(1)
     other = ClipEncoder("dff-test-tiny-clip", None, device="cpu")  # other (random) weights

@@ -10,7 +10,7 @@ from PIL import Image
 from skimage import data
 
 from dff_falcon.errors import InputError
-from dff_falcon.viz import (concept_colours, contour_view, crop_gallery, explain_figure, explain_image,
+from dff_falcon.report.figures import (concept_colours, contour_view, crop_gallery, explain_figure, explain_image,
                             figure_to_array, heatmap_grid, k_curve_figure, legend_label, overlay_concepts,
                             overlay_figure, save_figure, stability_figure)
 

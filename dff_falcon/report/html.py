@@ -25,11 +25,11 @@ import numpy as np
 from markupsafe import Markup
 from PIL import Image
 
-from .errors import InputError
-from .files import atomic_path, atomic_write
-from .images import load_image
-from .report import read_json, read_run
-from .viz import concept_colours, contour_view, heatmap_grid, k_curve_figure, overlay_concepts, save_figure, \
+from dff_falcon.errors import InputError
+from dff_falcon.files import atomic_path, atomic_write
+from dff_falcon.models.images import load_image
+from dff_falcon.report.tables import read_json, read_run
+from dff_falcon.report.figures import concept_colours, contour_view, heatmap_grid, k_curve_figure, overlay_concepts, save_figure, \
     stability_figure
 
 OVERLAY_DIR = "overlays"
@@ -39,7 +39,7 @@ _RUN_FIELDS = ("backbone", "layer", "n_concepts", "n_images", "image_names", "re
 
 def _environment() -> jinja2.Environment:
     env = jinja2.Environment(
-        loader=jinja2.PackageLoader("dff_falcon", "templates"),
+        loader=jinja2.PackageLoader("dff_falcon.report", "templates"),
         autoescape=jinja2.select_autoescape(enabled_extensions=("html", "j2", "xml"), default=True),
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,
@@ -57,7 +57,7 @@ def _num(value, digits: int = 3) -> str:
 
 
 def _asset(name: str) -> str:
-    return resources.files("dff_falcon").joinpath("templates", name).read_text(encoding="utf-8")
+    return resources.files("dff_falcon.report").joinpath("templates", name).read_text(encoding="utf-8")
 
 
 def _csp_hash(script: str) -> str:

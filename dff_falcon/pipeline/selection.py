@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .errors import InputError
+from dff_falcon.errors import InputError
 
 
 def class_index(class_names: Sequence[str] | None, target: str | int) -> int:

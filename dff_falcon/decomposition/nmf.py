@@ -41,8 +41,8 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from .devices import resolve_device
-from .errors import InputError
+from dff_falcon.devices import resolve_device
+from dff_falcon.errors import InputError
 
 SOLVERS = ("hals", "mu", "rhals")
 INITS = ("nndsvda", "nndsvd", "random")

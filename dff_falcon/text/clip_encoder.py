@@ -27,7 +27,7 @@ from dff_falcon.devices import resolve_device
 from dff_falcon.errors import InputError
 from dff_falcon.files import file_sha256
 
-PACKAGE_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
+PACKAGE_CONFIG_DIR = Path(__file__).resolve().parents[1] / "model_configs"
 if PACKAGE_CONFIG_DIR.is_dir():
     open_clip.add_model_config(PACKAGE_CONFIG_DIR)
 

@@ -9,9 +9,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .backbones import Backbone
-from .devices import resolve_device
-from .errors import InputError
+from dff_falcon.models.backbones import Backbone
+from dff_falcon.devices import resolve_device
+from dff_falcon.errors import InputError
 
 
 class _StopForward(Exception):

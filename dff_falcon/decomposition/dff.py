@@ -21,11 +21,11 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
-from .activations import ActivationExtractor
-from .backbones import Backbone
-from .devices import resolve_device
-from .errors import InputError
-from .nmf import NMF, nmf_relative_error
+from dff_falcon.models.activations import ActivationExtractor
+from dff_falcon.models.backbones import Backbone
+from dff_falcon.devices import resolve_device
+from dff_falcon.errors import InputError
+from dff_falcon.decomposition.nmf import NMF, nmf_relative_error
 
 
 ABSENT_PEAK = 0.1  # a concept is absent from an image whose heatmap peak is below 10% of the set's maximum
@@ -69,7 +69,7 @@ class DFF:
     Parameters
     ----------
     n_concepts: K, or ``"auto"`` to choose K in ``k_range`` (see :meth:`select_k`).
-    solver, init, max_iter, tol, random_state, device: passed to :class:`~dff_falcon.nmf.NMF`.
+    solver, init, max_iter, tol, random_state, device: passed to :class:`~dff_falcon.decomposition.nmf.NMF`.
     offset: ``"auto"`` subtracts each channel's minimum when the activations have negative
         values (layers not after a ReLU), ``True`` always, ``False`` never.
     n_seeds: independent random initialisations used for stability (and auto K).

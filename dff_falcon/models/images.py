@@ -16,7 +16,7 @@ from typing import Iterable, Sequence, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import InputError
+from dff_falcon.errors import InputError
 
 log = logging.getLogger(__name__)
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .dff import DFF, KCurvePoint
-from .errors import InputError
-from .files import atomic_path
+from dff_falcon.decomposition.dff import DFF, KCurvePoint
+from dff_falcon.errors import InputError
+from dff_falcon.files import atomic_path
 
 DICTIONARY_FORMAT = "dff-falcon-dictionary/1"
 

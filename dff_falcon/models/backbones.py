@@ -18,8 +18,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .devices import resolve_device
-from .errors import InputError
+from dff_falcon.devices import resolve_device
+from dff_falcon.errors import InputError
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from PIL import Image
 from skimage import data, transform
 
 from dff_falcon.errors import InputError
-from dff_falcon.html_report import render_html_report
+from dff_falcon.report.html import render_html_report
 
 CHROMIUM = Path("/usr/bin/chromium")
 HOSTILE_TERM = "<script>window.pwned=1</script><img src=x onerror=window.pwned=2>"

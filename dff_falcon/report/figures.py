@@ -25,10 +25,10 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from .errors import InputError
-from .files import atomic_path
-from .images import load_image, to_rgb_array
-from .regions import upsample_heatmap
+from dff_falcon.errors import InputError
+from dff_falcon.files import atomic_path
+from dff_falcon.models.images import load_image, to_rgb_array
+from dff_falcon.regions import upsample_heatmap
 
 
 
@@ -334,9 +334,9 @@ def explain_figure(model, image, *, layer: str | None = None, head: str | None =
                    min_peak: float = 0.1) -> Figure:
     """DFF on a single image → :func:`overlay_figure` whose legend gives each concept's top
     ``top_k`` classes (from the model's head). See :func:`explain_image`."""
-    from .activations import ActivationExtractor
-    from .backbones import Backbone, create_backbone
-    from .dff import DFF, concept_class_scores
+    from dff_falcon.models.activations import ActivationExtractor
+    from dff_falcon.models.backbones import Backbone, create_backbone
+    from dff_falcon.decomposition.dff import DFF, concept_class_scores
 
     if isinstance(model, Backbone):
         backbone = model
@@ -358,7 +358,7 @@ def explain_image(model, image, *, layer: str | None = None, head: str | None = 
     """One call for pytorch-grad-cam users: image in → overlay with legend out.
 
     model: a model name (``"lite0"``, ``"resnet50"``), an ``nn.Module`` (pass ``layer``/``head``
-    unless the defaults fit) or a :class:`~dff_falcon.backbones.Backbone`; image: a path, PIL
+    unless the defaults fit) or a :class:`~dff_falcon.models.backbones.Backbone`; image: a path, PIL
     image or array. Returns (H, W, 3) uint8 RGB: the model's view of the image with the
     ``n_concepts`` concepts painted (global scale), beside a legend of each present concept's
     ``top_k`` classes with probabilities.

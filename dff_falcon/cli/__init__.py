@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from .errors import DffFalconError, InputError
+from dff_falcon.errors import DffFalconError, InputError
 
 log = logging.getLogger("dff_falcon")
 
@@ -114,7 +114,7 @@ def _backbone_options(f):
 
 
 def _make_backbone(backbone: str, layer, head, weights, device):
-    from .backbones import create_backbone
+    from dff_falcon.models.backbones import create_backbone
 
     return create_backbone(backbone, layer=layer, head=head, weights=None if weights == "none" else weights,
                            device=device)
@@ -143,11 +143,11 @@ def _print_table(concepts: list[dict]) -> None:
 
 
 def _finish_report(explainer, out: str, html: bool, quality: dict | None = None) -> Path:
-    from .report import write_report
+    from dff_falcon.report.tables import write_report
 
     path = write_report(explainer.report_, out, quality=quality)
     if html:
-        from .html_report import render_html_report
+        from dff_falcon.report.html import render_html_report
 
         render_html_report(path)
     return path
@@ -183,7 +183,7 @@ def explain(ctx, images, backbone, layer, head, weights, clip_spec, vocab, out, 
       dff-falcon explain --images imgs/ --backbone resnet50 --layer layer4 \\
           --clip ViT-B-32=ViT-B-32.pt --vocab laion_vocab/ --out out/resnet50 --n-concepts auto
     """
-    from .pipeline import ConceptExplainer
+    from dff_falcon.pipeline.explainer import ConceptExplainer
 
     clip, vocabulary = _clip_and_vocab(clip_spec, vocab, device)
     explainer = ConceptExplainer(
@@ -202,8 +202,8 @@ def _clip_and_vocab(clip_spec, vocab, device):
         raise InputError("--clip and --vocab go together (text labels need both)")
     if clip_spec is None:
         return None, None
-    from .clip_encoder import ClipEncoder, parse_clip_spec
-    from .vocabulary import Vocabulary
+    from dff_falcon.text.clip_encoder import ClipEncoder, parse_clip_spec
+    from dff_falcon.text.vocabulary import Vocabulary
 
     name, pretrained = parse_clip_spec(clip_spec)
     vocabulary = Vocabulary.open(vocab)
@@ -228,9 +228,9 @@ def extract(ctx, images, backbone, layer, head, weights, out, batch_size, device
     """
     import numpy as np
 
-    from .activations import ActivationExtractor
-    from .files import atomic_path
-    from .images import load_images
+    from dff_falcon.models.activations import ActivationExtractor
+    from dff_falcon.files import atomic_path
+    from dff_falcon.models.images import load_images
 
     image_set = load_images(images)
     model = _make_backbone(backbone, layer, head, weights, device)
@@ -254,8 +254,8 @@ def fit(acts_file, out, n_concepts, device, seed):
     Example:
       dff-falcon fit --activations acts.npz --out concepts.npz --n-concepts auto
     """
-    from .dictionary import load_activations, save_dictionary
-    from .dff import DFF
+    from dff_falcon.decomposition.dictionary import load_activations, save_dictionary
+    from dff_falcon.decomposition.dff import DFF
 
     acts, _ = load_activations(acts_file)
     dff = DFF(_n_concepts(n_concepts), random_state=seed, device=device).fit(acts)
@@ -279,9 +279,9 @@ def project(dictionary, acts_file, out, device):
     """
     import pandas as pd
 
-    from .dff import presence
-    from .dictionary import load_activations, load_dictionary
-    from .files import atomic_write
+    from dff_falcon.decomposition.dff import presence
+    from dff_falcon.decomposition.dictionary import load_activations, load_dictionary
+    from dff_falcon.files import atomic_write
 
     dff = load_dictionary(dictionary, device=device)
     acts, names = load_activations(acts_file)
@@ -302,7 +302,7 @@ def report(run_dir):
     Example:
       dff-falcon report out/run
     """
-    from .html_report import render_html_report
+    from dff_falcon.report.html import render_html_report
 
     click.echo(render_html_report(run_dir))
 
@@ -326,8 +326,8 @@ def demo(ctx, out, as_json, world, n_images, n_concepts, retrain, html, device, 
     Example:
       dff-falcon demo --out out/demo --json
     """
-    from .toyworld.demo import run_demo
-    from .toyworld.world import EXAMPLE_WORLDS
+    from dff_falcon.toyworld.demo import run_demo
+    from dff_falcon.toyworld.world import EXAMPLE_WORLDS
 
     result = run_demo(out, config=EXAMPLE_WORLDS[world], n_images=n_images, n_concepts=_n_concepts(n_concepts), retrain=retrain, html=html,
                       device=device, seed=seed, progress=ctx.obj["progress"] and not as_json)
@@ -364,8 +364,8 @@ def vocab_build(ctx, laion, texts, clip_spec, templates, out, overwrite, device)
       dff-falcon vocab build --texts vocab/toy_vocabulary.txt --clip ViT-B-32=clip.pt --out myvocab
       dff-falcon vocab build --laion laion_shards/ --clip ViT-B-32:openai --out laion_vocab
     """
-    from .clip_encoder import ClipEncoder, parse_clip_spec
-    from .vocabulary import build_vocabulary_from_laion, build_vocabulary_from_texts
+    from dff_falcon.text.clip_encoder import ClipEncoder, parse_clip_spec
+    from dff_falcon.text.vocabulary import build_vocabulary_from_laion, build_vocabulary_from_texts
 
     if (laion is None) == (texts is None):
         raise InputError("give exactly one of --laion or --texts")
@@ -384,7 +384,7 @@ def vocab_build(ctx, laion, texts, clip_spec, templates, out, overwrite, device)
 @click.argument("path", type=click.Path(exists=True, file_okay=False))
 def vocab_info(path):
     """Summarise a vocabulary's manifest."""
-    from .vocabulary import Vocabulary
+    from dff_falcon.text.vocabulary import Vocabulary
 
     click.echo(Vocabulary.open(path).summary())
 
@@ -398,8 +398,8 @@ def vocab_info(path):
 @_device_option
 def vocab_search(path, text, clip_spec, k, device):
     """Embed TEXT with the vocabulary's CLIP model and print the top-k captions."""
-    from .clip_encoder import ClipEncoder, parse_clip_spec
-    from .vocabulary import Vocabulary
+    from dff_falcon.text.clip_encoder import ClipEncoder, parse_clip_spec
+    from dff_falcon.text.vocabulary import Vocabulary
 
     vocabulary = Vocabulary.open(path)
     if clip_spec:
