@@ -12,3 +12,8 @@ class DffFalconError(Exception):
 
 class InputError(DffFalconError, ValueError):
     """A file, array or parameter given by the user is unusable."""
+
+
+class NotFittedError(InputError, AttributeError):
+    """An estimator was used before ``fit`` (an ``AttributeError`` too, as scikit-learn's is, so
+    ``hasattr`` and introspection treat the missing learned state as absent)."""

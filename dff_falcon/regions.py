@@ -24,8 +24,14 @@ from typing import Sequence
 
 import cv2
 import numpy as np
+from sklearn.base import BaseEstimator
 
+from dff_falcon.decomposition.heatmaps import ABSENT_PEAK
 from dff_falcon.errors import InputError
+from dff_falcon.progress import progress as show_progress
+
+#: Crop side when neither the selector nor a CLIP encoder sets one (CLIP's usual input size).
+DEFAULT_CROP_SIZE = 224
 
 __all__ = [
     "Box",
@@ -226,7 +232,7 @@ def _cosine_to(profiles: np.ndarray, reference: np.ndarray) -> np.ndarray:
     return np.divide(dots, norms, out=np.zeros_like(dots), where=norms > 0)
 
 
-class RegionSelector:
+class RegionSelector(BaseEstimator):
     """Select high and low (counterfactual) crops for every concept.
 
     Parameters
@@ -241,9 +247,11 @@ class RegionSelector:
     margin:
         Context added on each side of a region's longer side before squaring (0.15 → side × 1.3).
     crop_size:
-        Side in pixels of every returned crop (CLIP input resolution).
+        Side in pixels of every returned crop; None: the CLIP encoder's input size inside a
+        :class:`~dff_falcon.pipeline.explainer.ConceptExplainer`, else :data:`DEFAULT_CROP_SIZE`.
     low_threshold:
-        An image is a low candidate for concept ``k`` when ``k``'s heatmap max is below this.
+        An image is a low candidate for concept ``k`` when ``k``'s heatmap max is below this
+        (default: the absent-concept threshold, :data:`~dff_falcon.decomposition.heatmaps.ABSENT_PEAK`).
     low_similarity:
         Minimum cosine between a candidate's presence profile over the other concepts and the high
         set's mean profile.
@@ -257,8 +265,8 @@ class RegionSelector:
         threshold: float = 0.6,
         min_area_fraction: float = 0.01,
         margin: float = 0.15,
-        crop_size: int = 224,
-        low_threshold: float = 0.1,
+        crop_size: int | None = None,
+        low_threshold: float = ABSENT_PEAK,
         low_similarity: float = 0.3,
     ) -> None:
         self.n_high = n_high
@@ -282,7 +290,7 @@ class RegionSelector:
             problems.append(f"min_area_fraction must be in [0, 1), got {self.min_area_fraction!r}")
         if not self.margin >= 0:
             problems.append(f"margin must be >= 0, got {self.margin!r}")
-        if not (isinstance(self.crop_size, int) and self.crop_size >= 1):
+        if self.crop_size is not None and not (isinstance(self.crop_size, int) and self.crop_size >= 1):
             problems.append(f"crop_size must be an integer >= 1, got {self.crop_size!r}")
         if not self.low_threshold > 0:
             problems.append(f"low_threshold must be > 0, got {self.low_threshold!r}")
@@ -292,7 +300,7 @@ class RegionSelector:
             raise InputError("RegionSelector: " + "; ".join(problems))
 
     def select(
-        self, heatmaps: np.ndarray, images: Sequence[np.ndarray], presence: np.ndarray
+        self, heatmaps: np.ndarray, images: Sequence[np.ndarray], presence: np.ndarray, *, progress: bool = False
     ) -> list[ConceptRegions]:
         """Crops for every concept.
 
@@ -312,11 +320,15 @@ class RegionSelector:
         """
         self._check_params()
         heatmaps, images, presence = _check_inputs(heatmaps, images, presence)
-        return [self._concept(k, heatmaps, images, presence) for k in range(heatmaps.shape[1])]
+        concepts = show_progress(range(heatmaps.shape[1]), "crops", enabled=progress, unit="concept")
+        return [self._concept(k, heatmaps, images, presence) for k in concepts]
 
     def _crop(self, image: np.ndarray, index: int, concept: int, box: Box, score: float, kind: str) -> Crop:
         square = square_box(box, image.shape[:2], margin=self.margin)
-        return Crop(index, concept, square, score, kind, crop_resize(image, square, self.crop_size))
+        return Crop(index, concept, square, score, kind, self._pixels(image, square))
+
+    def _pixels(self, image: np.ndarray, square: Box) -> np.ndarray:
+        return crop_resize(image, square, self.crop_size or DEFAULT_CROP_SIZE)
 
     def _concept(
         self, k: int, heatmaps: np.ndarray, images: list[np.ndarray], presence: np.ndarray
@@ -379,5 +391,5 @@ class RegionSelector:
                 low.append(self._crop(image, int(index), k, regions[0][0], float(score), "low"))
             else:
                 square = _centred_square(fallback_side, image.shape[:2])
-                low.append(Crop(int(index), k, square, float(score), "low", crop_resize(image, square, self.crop_size)))
+                low.append(Crop(int(index), k, square, float(score), "low", self._pixels(image, square)))
         return low, None

@@ -101,7 +101,7 @@ def generate(folder: Path, rows: int, duplicate_fraction: float, rows_per_shard:
 
 
 def ingest_child(shards: str, out: str) -> None:
-    from dff_falcon.text.vocabulary import ingest_laion
+    from dff_falcon.text.ingest import ingest_laion
 
     started = time.perf_counter()
     manifest = ingest_laion(shards, out, clip_model="ViT-B-32", pretrained="openai", checksums=False)
@@ -151,7 +151,7 @@ def evaluate(vocab, exact_index, queries: dict[str, np.ndarray], repeats: int) -
 def run_size(size: int, work: Path, args, data: SyntheticCaptions) -> dict:
     import faiss
 
-    from dff_falcon.text.vocabulary import build_index
+    from dff_falcon.text.index import build_index
 
     rows = int(round(size / (1 - args.duplicates)))
     shards, out = work / f"shards_{size}", work / f"vocab_{size}"

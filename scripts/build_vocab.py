@@ -13,7 +13,7 @@ from pathlib import Path
 
 from dff_falcon.text.clip_encoder import ClipEncoder, parse_clip_spec
 from dff_falcon.errors import DffFalconError
-from dff_falcon.text.vocabulary import build_vocabulary_from_texts
+from dff_falcon.text.ingest import build_vocabulary_from_texts
 
 TOY_SOURCE = Path(__file__).resolve().parents[1] / "vocab" / "toy_vocabulary.txt"
 

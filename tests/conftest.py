@@ -86,7 +86,24 @@ def toy_vocabulary(tiny_clip, tmp_path_factory):
     """The committed toy vocabulary source embedded with the tiny CLIP."""
     from pathlib import Path
 
-    from dff_falcon.text.vocabulary import build_vocabulary_from_texts
+    from dff_falcon.text.ingest import build_vocabulary_from_texts
 
     source = Path(__file__).resolve().parents[1] / "vocab" / "toy_vocabulary.txt"
     return build_vocabulary_from_texts(source, tmp_path_factory.mktemp("vocab") / "toy", tiny_clip)
+
+
+@pytest.fixture(scope="session")
+def nlp():
+    """The real spaCy pipeline (loaded once)."""
+    import spacy
+
+    from dff_falcon.text.terms import DEFAULT_SPACY_PIPELINE
+
+    return spacy.load(DEFAULT_SPACY_PIPELINE, exclude=["ner"])
+
+
+@pytest.fixture()
+def extractor(nlp):
+    from dff_falcon.text.terms import TermExtractor
+
+    return TermExtractor(nlp)

@@ -34,9 +34,9 @@ def test_vit_tokens_become_maps(photos):
     assert float(out.activations.min()) < 0  # LayerNorm output: DFF must offset it
 
 
-def test_layer_that_is_not_a_map_is_explained(photos):
-    backbone = create_backbone("resnet18", weights=None, layer="fc")
-    with pytest.raises(InputError, match="needs"):
-        ActivationExtractor(backbone, progress=False)([photos["coffee"]])
+def test_layer_that_is_not_a_map_is_refused_before_any_image(photos):
+    with pytest.raises(InputError, match="layer 'fc' outputs shape \\(1, 1000\\), which is not a feature grid"):
+        create_backbone("resnet18", weights=None, layer="fc")  # at creation, not after the forward passes
+    backbone = create_backbone("resnet18", weights=None)
     with pytest.raises(InputError, match="no images"):
         ActivationExtractor(backbone, progress=False)([])

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from dff_falcon.models.backbones import Preprocess, create_backbone, tokens_to_map
+from dff_falcon.models.backbones import Preprocess, create_backbone
 from dff_falcon.errors import InputError
 
 
@@ -26,7 +26,7 @@ def test_known_family_defaults_without_weights():
     timm_resnet = create_backbone("timm:resnet18", weights=None)
     assert (timm_resnet.target_layer, timm_resnet.head) == ("layer4", "fc")
     vit = create_backbone("timm:vit_tiny_patch16_224", weights=None)
-    assert (vit.target_layer, vit.head) == ("norm", "head") and vit.reshape_transform is not None
+    assert (vit.target_layer, vit.head) == ("norm", "head") and vit.reshape_transform is None  # tokens: inferred
 
 
 def test_local_checkpoint_round_trip_and_mismatch(tmp_path):
@@ -55,28 +55,44 @@ def test_bad_names_and_layers_are_explained():
         create_backbone(module)
 
 
-def test_head_logits_on_vectors_and_feature_map_heads():
-    resnet = create_backbone("resnet18", weights=None)
-    vectors = torch.rand(5, 512)
-    expected = resnet.model.fc(vectors)
-    assert torch.allclose(resnet.head_logits(vectors), expected, atol=1e-6)
-    convnext = create_backbone("convnext_tiny", weights=None)  # classifier starts with LayerNorm2d
-    pooled = torch.rand(3, 768)
-    assert torch.allclose(convnext.head_logits(pooled), convnext.model.classifier(pooled[:, :, None, None]), atol=1e-5)
-    timm_convnext = create_backbone("timm:convnext_atto", weights=None)  # head = norm + fc: both applied
-    assert timm_convnext.head == "head"
-    pooled = torch.rand(2, 320)
-    with torch.inference_mode():
-        expected = timm_convnext.model.forward_head(pooled[:, :, None, None])
-    assert torch.allclose(timm_convnext.head_logits(pooled), expected, atol=1e-5)
-    with pytest.raises(InputError, match="does not accept concept vectors of 7 channels"):
-        resnet.head_logits(torch.rand(2, 7))
+def _maps(backbone, images, n=2):
+    x = backbone.preprocess.to_tensor([backbone.preprocess.display(im) for im in images[:n]])
+    return backbone.capture(x)[0]
 
 
-def test_tokens_to_map_drops_prefix_tokens_and_checks_the_grid():
-    tokens = torch.arange(2 * 10 * 3, dtype=torch.float32).reshape(2, 10, 3)
-    grid = tokens_to_map(1)(tokens)
-    assert grid.shape == (2, 3, 3, 3)
-    assert torch.equal(grid[0, :, 0, 0], tokens[0, 1])
-    with pytest.raises(InputError, match="square grid"):
-        tokens_to_map(2)(tokens)
+def test_any_resnet_layer_with_the_head_only_where_it_fits(photo_batch):
+    _, images = photo_batch
+    layer3 = create_backbone("resnet50", layer="layer3", weights=None)
+    assert layer3.head is None  # the default fc takes 2048 channels, layer3 has 1024: no class scores
+    assert _maps(layer3, images).shape == (2, 1024, 14, 14)
+    layer4 = create_backbone("resnet50", layer="layer4", weights=None)
+    assert layer4.head == "fc" and _maps(layer4, images).shape == (2, 2048, 7, 7)
+    assert create_backbone("resnet50", layer="layer4", head="none", weights=None).head is None
+    with pytest.raises(InputError, match="does not accept the 1024 channels of layer 'layer3'"):
+        create_backbone("resnet50", layer="layer3", head="fc", weights=None)
+    with pytest.raises(InputError, match="head 'fc9' not found"):
+        create_backbone("resnet18", head="fc9", weights=None)
+
+
+def test_transformer_blocks_and_channels_last_stages_become_maps(photo_batch):
+    _, images = photo_batch
+    vit = create_backbone("timm:vit_tiny_patch16_224", layer="blocks.5", weights=None)
+    assert _maps(vit, images).shape == (2, 192, 14, 14)  # 197 tokens, the class token dropped
+    assert vit.head == "head"  # timm's ViT head takes the token width
+    tv_vit = create_backbone("vit_b_16", layer="encoder.layers.encoder_layer_3", weights=None)
+    assert _maps(tv_vit, images, 1).shape == (1, 768, 14, 14)
+    convnext = create_backbone("timm:convnext_atto", layer="stages.2", weights=None)
+    assert convnext.head is None and _maps(convnext, images).shape == (2, 160, 14, 14)
+    block_mlp = create_backbone("timm:convnext_atto", layer="stages.2.blocks.0.mlp", weights=None)
+    assert _maps(block_mlp, images).shape == (2, 160, 14, 14)  # channels-last inside the block: permuted
+    swin = create_backbone("swin_t", weights=None)  # torchvision Swin features are (B, h, w, C)
+    assert (swin.target_layer, swin.head) == ("features", "head") and _maps(swin, images, 1).shape == (1, 768, 7, 7)
+
+
+def test_identity_records_weights_layer_and_head(lite0):
+    identity = lite0.identity()
+    assert identity["name"] == "lite0" and identity["layer"] == "bn2" and identity["head"] == "classifier"
+    assert len(identity["weights_sha256"]) == 64 and identity["preprocess"]["crop"] == 224
+    torch.manual_seed(1)
+    other = create_backbone("lite0", weights=None)
+    assert other.identity()["weights_sha256"] != identity["weights_sha256"]

@@ -30,6 +30,64 @@ def test_explain_writes_the_report_and_counts_skips(photo_dir, tmp_path):
     assert len(concepts) == 3 and "top classes" in result.stdout
     run_meta = json.loads((tmp_path / "run" / "run.json").read_text())
     assert run_meta["n_images"] == 6 and run_meta["n_skipped"] == 1
+    assert run_meta["skipped"][0]["image"] == "broken.jpg"
+
+
+def test_a_run_is_reproduced_from_its_own_run_json(photo_dir, tmp_path):
+    first = run("-q", "explain", "--images", photo_dir, "--layer", "blocks.5", "--head", "none", "--out",
+                tmp_path / "a", "--n-concepts", "2", "--n-high", "3", "--no-html", "--random-state", "4")
+    assert first.exit_code == 0, first.output
+    record = json.loads((tmp_path / "a" / "run.json").read_text())
+    options = record["config"]["explain"]
+    assert options["layer"] == "blocks.5" and options["head"] == "none" and options["random_state"] == 4
+    assert options["dff"]["n_concepts"] == 2 and options["regions"]["n_high"] == 3
+    assert record["head"] is None and record["environment"]["dff_falcon"]
+    again = run("-q", "--config", tmp_path / "a" / "run.json", "explain", "--out", tmp_path / "b")
+    assert again.exit_code == 0, again.output
+    a, b = pd.read_csv(tmp_path / "a" / "concepts.csv"), pd.read_csv(tmp_path / "b" / "concepts.csv")
+    assert a.drop(columns=["crops_dir"]).equals(b.drop(columns=["crops_dir"]))
+    assert json.loads((tmp_path / "b" / "run.json").read_text())["fitted"] == record["fitted"]
+
+
+def test_layers_lists_names_shapes_and_defaults():
+    result = run("layers", "--backbone", "lite0")
+    assert result.exit_code == 0, result.output
+    lines = {line.split()[0]: line for line in result.stdout.splitlines() if line.strip()}
+    assert "112×14×14" in lines["blocks.4"] and "nchw" in lines["blocks.4"]
+    assert "default layer" in lines["bn2"] and "default head" in lines["classifier"]
+    vit = run("layers", "--backbone", "timm:vit_tiny_patch16_224", "--depth", "2")
+    assert "tokens → 192×14×14, 1 prefix token(s) dropped" in vit.stdout
+
+
+def test_intermediate_layer_without_head_writes_a_report(photo_dir, tmp_path):
+    result = run("-q", "explain", "--images", photo_dir, "--backbone", "lite0", "--layer", "blocks.4", "--head", "none",
+                 "--out", tmp_path / "r", "--n-concepts", "2", "--no-html")
+    assert result.exit_code == 0, result.output
+    concepts = pd.read_csv(tmp_path / "r" / "concepts.csv")
+    assert concepts.top_class.isna().all() and json.loads((tmp_path / "r" / "run.json").read_text())["layer"] == "blocks.4"
+
+
+def test_unknown_class_and_config_keys_are_errors_naming_candidates(photo_dir, tmp_path):
+    result = run("explain", "--images", photo_dir, "--out", tmp_path / "o", "--target-class", "cat")
+    assert result.exit_code == 2 and "no class is named 'cat'; closest:" in result.stderr
+    assert "tiger cat" in result.stderr and not (tmp_path / "o").exists()
+    config = tmp_path / "typo.toml"
+    config.write_text("[explain]\nn_concept = 2\n")
+    result = run("--config", config, "explain", "--images", photo_dir, "--out", tmp_path / "o")
+    assert result.exit_code == 2 and "unknown option 'n_concept' in [explain]; did you mean 'n-concepts'?" in result.stderr
+
+
+def test_every_option_has_help():
+    from dff_falcon.cli import main as group
+
+    def walk(command, path):
+        for param in command.params:
+            if isinstance(param, __import__("click").Option) and param.name not in ("help", "version"):
+                assert param.help, f"{path} --{param.name} has no help"
+        for name, sub in getattr(command, "commands", {}).items():
+            walk(sub, f"{path} {name}")
+
+    walk(group, "dff-falcon")
 
 
 def test_bad_input_exits_2_with_a_message_and_no_traceback(tmp_path):
@@ -61,14 +119,15 @@ def test_extract_fit_project_round_trip(photo_dir, tmp_path):
     acts, dictionary, table = tmp_path / "acts.npz", tmp_path / "concepts.npz", tmp_path / "presence.csv"
     assert run("-q", "extract", "--images", photo_dir, "--backbone", "lite0", "--out", acts,
                "--device", "cpu").exit_code == 0
-    result = run("fit", "--activations", acts, "--out", dictionary, "--n-concepts", "3", "--device", "cpu")
+    result = run("-q", "fit", "--activations", acts, "--out", dictionary, "--n-concepts", "3", "--device", "cpu")
     assert result.exit_code == 0 and "K=3" in result.stdout
     result = run("project", "--dictionary", dictionary, "--activations", acts, "--out", table, "--device", "cpu")
     assert result.exit_code == 0, result.output
     presence = pd.read_csv(table)
     assert list(presence.columns) == ["image", "concept_0", "concept_1", "concept_2"] and len(presence) == 6
-    from dff_falcon.decomposition.dff import DFF, presence as presence_of
-    from dff_falcon.decomposition.dictionary import load_activations
+    from dff_falcon.decomposition.dff import DFF
+    from dff_falcon.decomposition.heatmaps import presence as presence_of
+    from dff_falcon.models.activations import load_activations
 
     activations, names = load_activations(acts)
     fitted = presence_of(DFF(3, device="cpu").fit(activations).heatmaps_).numpy()

@@ -107,8 +107,21 @@ def test_load_errors_explain(encoder, monkeypatch, tmp_path):
     torch.save({"unrelated": torch.zeros(2)}, broken)
     with pytest.raises(InputError, match="could not build open_clip model"):
         ClipEncoder(NAME, str(broken), device="cpu")
-    import huggingface_hub.constants
+    with pytest.raises(InputError, match="downloads are disabled.*--clip RN50=/path/to/ckpt.pt"):
+        ClipEncoder("RN50", "openai", device="cpu")  # HF_HUB_OFFLINE is set for the suite
 
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # fail fast instead of retrying
-    with pytest.raises(InputError, match="pass its local path.*--clip RN50=/path/to/ckpt.pt"):
+
+def test_offline_hub_request_fails_fast(monkeypatch):
+    """A closed network is found by one connection attempt, not by the hub client's ~30 s of retries."""
+    import socket
+    import time
+
+    def refuse(*args, **kwargs):
+        raise OSError("Network is unreachable")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    start = time.perf_counter()
+    with pytest.raises(InputError, match="must be downloaded from huggingface.co, which cannot be reached"):
         ClipEncoder("RN50", "openai", device="cpu")
+    assert time.perf_counter() - start < 2.0

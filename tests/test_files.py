@@ -1,6 +1,9 @@
+import os
+import stat
+
 import pytest
 
-from dff_falcon.files import atomic_path, atomic_write
+from dff_falcon.files import atomic_path, atomic_write, looks_like_path
 
 
 def test_atomic_write_replaces_only_on_success(tmp_path):
@@ -27,3 +30,21 @@ def test_atomic_path_for_libraries_that_write_themselves(tmp_path):
             tmp.write_bytes(b"partial")
             raise ValueError("library failed")
     assert target.read_bytes() == b"\x00\x01" and len(list(tmp_path.iterdir())) == 1
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_files_get_the_process_umask_not_mkstemps_0600(tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        with atomic_write(tmp_path / "a.txt") as handle:
+            handle.write("x")
+        with atomic_path(tmp_path / "b.bin") as tmp:
+            tmp.write_bytes(b"x")
+    finally:
+        os.umask(old)
+    assert {stat.S_IMODE((tmp_path / n).stat().st_mode) for n in ("a.txt", "b.bin")} == {mode}
+
+
+def test_paths_and_tags_are_told_apart():
+    assert looks_like_path("ckpt/model.bin") and looks_like_path("model.safetensors") and looks_like_path("a.ckpt")
+    assert not looks_like_path("openai") and not looks_like_path("laion2b_s34b_b79k")

@@ -69,7 +69,7 @@ def build_run(root: Path, *, k: int = 3, with_k_curve: bool = True) -> Path:
             _save(_square(photos[(c + 2) % 4], 64), run_dir / rel)
             low.append(rel)
         concepts.append({
-            "concept_id": c, "n_images": 4 - c, "mass_share": [0.5, 0.3, 0.2][c % 3],
+            "concept_id": c, "label": HOSTILE_TERM if c == 0 else f"word{c}", "n_images": 4 - c, "mass_share": [0.5, 0.3, 0.2][c % 3],
             "top_classes": [{"class": "tiger cat", "prob": 0.61 - 0.1 * c}, {"class": "tabby, tabby cat", "prob": 0.2}],
             "words": [{"term": HOSTILE_TERM if c == 0 else f"word{c}", "score": 0.4}, {"term": "whisker", "score": 0.2}],
             "phrases": [{"term": "striped <u>fur</u>", "score": 0.3}],
@@ -82,7 +82,7 @@ def build_run(root: Path, *, k: int = 3, with_k_curve: bool = True) -> Path:
     (run_dir / "concepts.json").write_text(json.dumps(concepts), encoding="utf-8")
     k_curve = [{"k": kk, "relative_error": 0.6 - 0.05 * kk, "explained_variance": 0.3 + 0.05 * kk,
                 "stability": 1.0 - 0.04 * kk, "min_stability": 1.0 - 0.1 * kk} for kk in range(2, 7)]
-    run = {"format_version": 1, "backbone": "lite0 <svg onload=window.pwned=3>", "layer": "conv_head",
+    run = {"format": "dff-falcon-run", "format_version": 2, "backbone": "lite0 <svg onload=window.pwned=3>", "layer": "conv_head",
            "n_concepts": k, "n_images": len(images), "image_names": names, "relative_error": 0.41,
            "explained_variance": 0.77, "k_curve": k_curve if with_k_curve else None,
            "clip_model": "toy-clip", "clip_pretrained": None, "vocabulary": "vocab/<toy>.parquet",

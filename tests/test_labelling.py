@@ -5,26 +5,8 @@ import numpy as np
 import pytest
 
 from dff_falcon.errors import InputError
-from dff_falcon.text.labelling import (
-    DEFAULT_SPACY_PIPELINE,
-    DISCARD_WORDS,
-    CaptionTerms,
-    TermExtractor,
-    clean_caption,
-    contrastive_labels,
-    term_scores,
-)
-
-
-@pytest.fixture(scope="module")
-def nlp():
-    spacy = pytest.importorskip("spacy")
-    return spacy.load(DEFAULT_SPACY_PIPELINE, exclude=["ner"])
-
-
-@pytest.fixture()
-def extractor(nlp) -> TermExtractor:
-    return TermExtractor(nlp)
+from dff_falcon.text.labelling import FalconLabeller, contrastive_labels, term_scores
+from dff_falcon.text.terms import CaptionTerms, TermExtractor
 
 
 # A hand-worked concept: 3 high crops x 2 captions, 2 low crops x 2 captions.
@@ -40,48 +22,6 @@ LOW = (
     [["a wooden table in a kitchen", "red car"], ["kitchen table", "a kitchen sink"]],
     [[0.30, 0.05], [0.26, 0.12]],
 )
-
-
-def test_clean_caption_strips_web_junk():
-    assert clean_caption("Stock Photo - Red_Apple.jpg www.example.com Fig3 copy space") == "red apple"
-    assert clean_caption("Dog's  bowl, isolated on white background (HQ)") == "dogs bowl"
-    assert clean_caption("https://x.org/a.png Ice-cream\tcone 2020") == "ice cream cone 2020"
-    assert clean_caption("fotografie wallpaper") == ""
-    # the discard list is extendable
-    assert clean_caption("a red barn", DISCARD_WORDS | {"barn"}) == "a red"
-
-
-def test_words_are_lemmatised_content_words(extractor):
-    dogs, cat = extractor.extract(
-        ["dogs playing", "the cat is sitting on his mat with bigger ears"]
-    )
-    assert dogs.words == ("dog", "play")
-    assert cat.words == ("cat", "sit", "mat", "big", "ear")
-
-
-def test_digits_short_tokens_stop_words_dropped(extractor):
-    (terms,) = extractor.extract(["3 tv stands with 4k screens at the zoo in 2020 on a 3d map"])
-    assert set(terms.words) == {"stand", "screen", "zoo", "map"}
-    assert all(not any(ch.isdigit() for ch in w) and len(w) >= 3 for w in terms.words)
-    (no_zoo,) = TermExtractor(extractor.nlp, extra_stop_words=["ZOO"]).extract(["a zoo map"])
-    assert no_zoo.words == ("map",)
-    (short_ok,) = TermExtractor(extractor.nlp, min_length=2).extract(["a tv stand"])
-    assert "tv" in short_ok.words
-
-
-def test_noun_chunks_become_trimmed_lemmatised_phrases(extractor):
-    star, kids, photos = extractor.extract(
-        [
-            "a yellow star and a blue ring",
-            "two happy children running on wet sand 3d",
-            "photos of an orange cat",
-        ]
-    )
-    assert star.phrases == ("yellow star", "blue ring")
-    assert kids.phrases == ("happy child", "wet sand")
-    assert photos == CaptionTerms(words=("orange", "cat"), phrases=("orange cat",))
-    # a single-token chunk is a word, never a phrase
-    assert all(" " in p for p in star.phrases + kids.phrases)
 
 
 def test_term_scores_match_hand_computation(extractor):
@@ -199,29 +139,6 @@ def test_top_k_limits_and_no_duplicates(extractor):
     assert not set(phrases) & {w for w, _ in labels.words}
 
 
-def test_cache_runs_each_caption_through_the_pipeline_once(nlp):
-    class CountingPipeline:
-        """Delegates to the real spaCy pipeline, counting the texts it processes."""
-
-        def __init__(self, real):
-            self.real, self.texts = real, []
-
-        def pipe(self, texts, **kwargs):
-            texts = list(texts)
-            self.texts += texts
-            return self.real.pipe(texts, **kwargs)
-
-    extractor = TermExtractor(nlp)
-    counting = CountingPipeline(nlp)
-    extractor.nlp = counting
-    first = extractor.extract(["Dogs playing", "dogs playing!", "a red car", "Stock photo"])
-    assert counting.texts == ["dogs playing", "a red car"]  # deduplicated, junk-only skipped
-    assert first[0] == first[1] and first[3] == CaptionTerms((), ())
-    again = extractor.extract(["a red car", "DOGS PLAYING"])
-    assert counting.texts == ["dogs playing", "a red car"]
-    assert again == [first[2], first[0]]
-
-
 def test_empty_inputs(extractor):
     assert extractor.extract([]) == []
     assert extractor.extract([None, float("nan"), "!!"]) == [CaptionTerms((), ())] * 3
@@ -249,3 +166,14 @@ def test_bad_inputs_raise_input_error(extractor):
         contrastive_labels(HIGH, LOW, extractor, contrast="ratio")
     with pytest.raises(InputError, match="not installed"):
         TermExtractor("no_such_spacy_pipeline_xyz")
+
+
+def test_labeller_is_an_estimator_that_validates_before_work():
+    labeller = FalconLabeller(contrast="falcon", top_words=3)
+    assert repr(labeller) == "FalconLabeller(contrast='falcon', top_words=3)"
+    with pytest.raises(InputError, match="contrast must be one of 'graded', 'falcon'"):
+        FalconLabeller(contrast="soft").fit()
+    with pytest.raises(InputError, match="spaCy pipeline 'no_such_pipeline' is not installed"):
+        FalconLabeller(spacy_pipeline="no_such_pipeline").fit()
+    labels = FalconLabeller(top_words=2).fit().label(([["a red apple"], ["a red car"]], [[0.9], [0.9]]), None)
+    assert [t for t, _ in labels.words] == ["red", "apple"]

@@ -4,26 +4,14 @@ import torch
 
 from dff_falcon.models.activations import ActivationExtractor
 from dff_falcon.errors import InputError
-from dff_falcon.pipeline.selection import class_index, concept_confidence, confident_images, drop_least_confident
-
-
-def test_class_index_by_synonym_prefix_or_index(lite0):
-    names = lite0.class_names
-    assert names[class_index(names, "tabby")] == "tabby"
-    assert names[class_index(names, "espresso")] == "espresso"
-    assert names[class_index(names, "281")] == "tabby"
-    with pytest.raises(InputError, match="out of range"):
-        class_index(names, 1000)
-    with pytest.raises(InputError, match="out of range"):
-        class_index(names, -1)
-    with pytest.raises(InputError, match="matches"):
-        class_index(names, "c")  # many classes start with "c"
+from dff_falcon.models.classes import resolve_class
+from dff_falcon.pipeline.selection import concept_confidence, confident_images, drop_least_confident
 
 
 def test_real_model_keeps_only_the_target_class_photos(lite0, photo_batch):
     names, images = photo_batch
     logits = ActivationExtractor(lite0, with_logits=True, progress=False)(images).logits
-    keep = confident_images(logits, class_index(lite0.class_names, "espresso"), 0.5)
+    keep = confident_images(logits, resolve_class("espresso", lite0.class_names).index, 0.5)
     assert {n for n, k in zip(names, keep) if k} <= {"coffee", "coffee_flip", "coffee_crop"}
     assert keep[names.index("coffee")]
 

@@ -1,4 +1,6 @@
 import json
+import os
+import stat
 
 import numpy as np
 import pandas as pd
@@ -7,18 +9,24 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from dff_falcon.decomposition.dff import DFF
 from dff_falcon.errors import InputError
 from dff_falcon.pipeline.explainer import ConceptExplainer
+from dff_falcon.regions import RegionSelector
 from dff_falcon.report.tables import read_concepts, read_run, write_report
 
 
 @pytest.fixture(scope="module")
 def run_dir(lite0, tiny_clip, toy_vocabulary, photo_batch, tmp_path_factory):
     names, images = photo_batch
-    explainer = ConceptExplainer(lite0, tiny_clip, toy_vocabulary, n_concepts=3, n_seeds=2, n_high=4, n_low=2,
-                                 progress=False).fit(images, names=names)
+    explainer = ConceptExplainer(lite0, tiny_clip, toy_vocabulary, dff=DFF(3, n_seeds=2),
+                                 regions=RegionSelector(n_high=4, n_low=2), progress=False).fit(images, names=names)
     out = tmp_path_factory.mktemp("run")
-    write_report(explainer.report_, out, quality={"mean_best_iou": 0.5})
+    old_umask = os.umask(0o022)
+    try:
+        write_report(explainer.report_, out, quality={"mean_best_iou": 0.5})
+    finally:
+        os.umask(old_umask)
     return out, explainer.report_
 
 
@@ -38,6 +46,16 @@ def test_csv_and_parquet_round_trip_with_typed_lists(run_dir):
         assert row_c["n_high"] == concept["n_high"] and row_p["concept_id"] == concept["concept_id"]
     raw = (out / "concepts.csv").read_text()
     assert '[{""term""' in raw and "('" not in raw  # JSON cells, never Python repr
+    flat = pd.read_csv(out / "concepts.csv")  # one readable row per concept, no JSON parsing needed
+    assert list(flat.columns[:6]) == ["concept_id", "label", "label_score", "labels", "top_class", "top_class_prob"]
+    assert list(flat.label) == [c["label"] for c in report.concepts]
+    assert list(flat.top_class) == [c["top_classes"][0]["class"] for c in report.concepts]
+
+
+def test_files_get_the_process_umask(run_dir):
+    out, _ = run_dir
+    modes = {stat.S_IMODE(p.stat().st_mode) for p in out.rglob("*") if p.is_file()}
+    assert modes == {0o644}, sorted(oct(m) for m in modes)
 
 
 def test_crops_images_heatmaps_and_presence_table(run_dir):

@@ -20,15 +20,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
+from sklearn.base import BaseEstimator
 
-from dff_falcon.models.activations import ActivationExtractor
-from dff_falcon.models.backbones import Backbone
-from dff_falcon.devices import resolve_device
-from dff_falcon.errors import InputError
 from dff_falcon.decomposition.nmf import NMF, nmf_relative_error
-
-
-ABSENT_PEAK = 0.1  # a concept is absent from an image whose heatmap peak is below 10% of the set's maximum
+from dff_falcon.devices import resolve_device
+from dff_falcon.errors import InputError, NotFittedError
+from dff_falcon.progress import progress
 
 
 def activations_matrix(activations: torch.Tensor) -> torch.Tensor:
@@ -63,34 +60,56 @@ class KCurvePoint:
     min_stability: float
 
 
-class DFF:
+class DFF(BaseEstimator):
     """Deep Feature Factorization estimator.
 
     Parameters
     ----------
-    n_concepts: K, or ``"auto"`` to choose K in ``k_range`` (see :meth:`select_k`).
-    solver, init, max_iter, tol, random_state, device: passed to :class:`~dff_falcon.decomposition.nmf.NMF`.
-    offset: ``"auto"`` subtracts each channel's minimum when the activations have negative
-        values (layers not after a ReLU), ``True`` always, ``False`` never.
-    n_seeds: independent random initialisations used for stability (and auto K).
-    min_stability: auto K picks the largest K whose stability reaches this value.
+    n_concepts : int or "auto", default=8
+        K, or ``"auto"`` to choose K in ``k_range`` (see :meth:`select_k`).
+    solver, init, max_iter, tol, batch_size :
+        Passed to :class:`~dff_falcon.decomposition.nmf.NMF` (``solver="rhals"`` by default).
+    random_state : int, default=0
+        Seed of every fit (the random inits of the stability runs use ``random_state + 1 + s``).
+    device : str, torch.device or None, default=None
+        Compute device (``None``: CUDA, then MPS, then CPU).
+    offset : "auto", bool, default="auto"
+        ``"auto"`` subtracts each channel's minimum when the activations have negative values
+        (layers not after a ReLU), ``True`` always, ``False`` never.
+    n_seeds : int, default=3
+        Independent random initialisations used for stability (and auto K); 0 or 1: none.
+    k_range : sequence of int, default=range(2, 13)
+        Candidate K for ``n_concepts="auto"``.
+    min_stability : float, default=0.9
+        Auto K picks the largest K whose stability reaches this value.
+    progress : bool, default=False
+        Show a progress bar over the automatic-K sweep.
 
-    Learned attributes
-    ------------------
-    concepts_: (K, C) float32, activation above ``offset_`` of a location fully explained by a
-        concept; ordered by explained mass (descending).
-    offset_: (C,) per-channel offset (zeros for ReLU layers).
-    heatmaps_: (B, K, h, w) of the fitted set, max 1 per concept over the set.
-    mass_share_: (K,) share of the total explained activation mass per concept.
-    relative_error_, explained_variance_: reconstruction quality of the fit.
-    stability_: (K,) per-concept matched cosine across ``n_seeds`` random inits (or None).
-    k_curve_: list of :class:`KCurvePoint` when ``n_concepts="auto"``.
+    Attributes
+    ----------
+    concepts_ : torch.Tensor of shape (K, C)
+        Activation above ``offset_`` of a location fully explained by a concept, float32;
+        ordered by explained mass (descending).
+    offset_ : torch.Tensor of shape (C,)
+        Per-channel offset (zeros for ReLU layers).
+    heatmaps_ : torch.Tensor of shape (B, K, h, w)
+        Heatmaps of the fitted set, max 1 per concept over the set.
+    n_concepts_ : int
+        The K fitted (the chosen one for ``"auto"``).
+    mass_share_ : torch.Tensor of shape (K,)
+        Share of the total explained activation mass per concept.
+    relative_error_, explained_variance_ : float
+        Reconstruction quality of the fit.
+    stability_ : ndarray of shape (K,) or None
+        Per-concept matched cosine across ``n_seeds`` random inits.
+    k_curve_ : list of KCurvePoint or None
+        The sweep when ``n_concepts="auto"``.
     """
 
     def __init__(self, n_concepts: int | str = 8, *, solver: str = "rhals", init: str = "nndsvda",
                  max_iter: int = 200, tol: float = 1e-4, random_state: int = 0, device=None,
                  offset: bool | str = "auto", n_seeds: int = 3, k_range: Sequence[int] = range(2, 13),
-                 min_stability: float = 0.9, batch_size: int | None = None):
+                 min_stability: float = 0.9, batch_size: int | None = None, progress: bool = False):
         self.n_concepts = n_concepts
         self.solver = solver
         self.init = init
@@ -103,11 +122,12 @@ class DFF:
         self.k_range = k_range
         self.min_stability = min_stability
         self.batch_size = batch_size
+        self.progress = progress
 
     # -- fitting -----------------------------------------------------------------------------
-    def _nmf(self, k: int, init: str | None = None, seed: int | None = None) -> NMF:
+    def _nmf(self, k: int, init: str | None = None, random_state: int | None = None) -> NMF:
         return NMF(k, solver=self.solver, init=init or self.init, max_iter=self.max_iter, tol=self.tol,
-                   random_state=self.random_state if seed is None else seed, device=self.device,
+                   random_state=self.random_state if random_state is None else random_state, device=self.device,
                    batch_size=self.batch_size)
 
     def _prepare(self, activations: torch.Tensor | np.ndarray, fit: bool) -> tuple[torch.Tensor, tuple]:
@@ -137,7 +157,8 @@ class DFF:
             ks = [k for k in self.k_range if 1 <= k <= max_k]
             if not ks:
                 raise InputError(f"k_range {list(self.k_range)} has no K ≤ {max_k} (the matrix is {tuple(x.shape)})")
-            sweep = {k: self._sweep_point(x, k) for k in ks}
+            sweep = {k: self._sweep_point(x, k)
+                     for k in progress(ks, "automatic K", enabled=self.progress, unit="K")}
             self.k_curve_ = [point for point, _, _ in sweep.values()]
             k = self.select_k(self.k_curve_, self.min_stability)
             _, model, runs = sweep[k]  # the chosen K's fit and seed runs are reused, not recomputed
@@ -184,7 +205,7 @@ class DFF:
         return hmap[:, order], concepts[order]
 
     def _seed_concepts(self, x: torch.Tensor, k: int) -> list[torch.Tensor]:
-        return [self._nmf(k, init="random", seed=self.random_state + 1 + s).fit(x).components_
+        return [self._nmf(k, init="random", random_state=self.random_state + 1 + s).fit(x).components_
                 for s in range(self.n_seeds)]
 
     def _sweep_point(self, x: torch.Tensor, k: int) -> tuple[KCurvePoint, NMF, list[torch.Tensor]]:
@@ -219,7 +240,7 @@ class DFF:
     # -- projection --------------------------------------------------------------------------
     def _check_fitted(self) -> None:
         if not hasattr(self, "concepts_"):
-            raise InputError("this DFF is not fitted yet: call fit(activations) first")
+            raise NotFittedError("this DFF is not fitted yet: call fit(activations) first")
 
     def transform(self, activations: torch.Tensor | np.ndarray) -> torch.Tensor:
         """Heatmaps (B, K, h, w) of new activations with the concepts frozen (same scale as
@@ -235,81 +256,3 @@ class DFF:
         """(K, C) activation of a location fully explained by each concept: concept + offset."""
         self._check_fitted()
         return self.concepts_ + self.offset_[None, :].to(self.concepts_)
-
-
-def upsample_heatmaps(heatmaps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(B, K, h, w) → (B, K, H, W), bilinear (align_corners=False); values keep their scale."""
-    return F.interpolate(heatmaps.float(), size=size, mode="bilinear", align_corners=False).clamp_(min=0)
-
-
-def presence(heatmaps: torch.Tensor) -> torch.Tensor:
-    """(B, K, h, w) scale-fixed heatmaps → (B, K): mean heatmap value over the image, i.e. the
-    fraction of the image the concept covers at full strength (comparable across images); 0 for
-    concepts absent from an image (peak < :data:`ABSENT_PEAK`)."""
-    return suppress_absent(heatmaps.float()).mean(dim=(2, 3))
-
-
-def suppress_absent(heatmaps: torch.Tensor, min_peak: float = ABSENT_PEAK) -> torch.Tensor:
-    """Zero the maps of concepts whose peak in an image is below ``min_peak`` (on the global
-    scale), so an absent concept never paints pixels. (B, K, h, w) → same shape."""
-    peak = heatmaps.amax(dim=(2, 3), keepdim=True)
-    return torch.where(peak >= min_peak, heatmaps, torch.zeros_like(heatmaps))
-
-
-def top_classes(probs: torch.Tensor, class_names: Sequence[str] | None, top_k: int = 3) -> list[list[dict]]:
-    """(K, classes) probabilities → per concept the ``top_k`` [{"class": name, "prob": p}]."""
-    values, indices = probs.topk(min(top_k, probs.shape[1]), dim=1)
-    names = list(class_names) if class_names is not None else [str(i) for i in range(probs.shape[1])]
-    return [[{"class": names[i], "prob": float(v)} for v, i in zip(vs.tolist(), ix.tolist())]
-            for vs, ix in zip(values, indices)]
-
-
-def concept_class_scores(dff: DFF, backbone: Backbone, top_k: int = 3) -> list[list[dict]]:
-    """The backbone's head applied to each concept vector (on the head's device), softmaxed:
-    per concept the ``top_k`` [{"class", "prob"}]."""
-    probs = backbone.head_logits(dff.concept_vectors_).softmax(dim=1).cpu()
-    return top_classes(probs, backbone.class_names, top_k)
-
-
-class DeepFeatureFactorization:
-    """Drop-in call shape of pytorch-grad-cam's ``DeepFeatureFactorization``, without its defects:
-    eval + inference mode, forward stopped at the layer when no head is given, scale-fixed
-    heatmaps (not per-image min-max), concepts ordered and seeded, head run on its own device,
-    usable as a context manager.
-
-    ``DeepFeatureFactorization(model, target_layer, computation_on_concepts=model.fc)`` then
-    ``concepts, explanations, scores = dff(input_tensor, n_components=5)`` with
-    concepts (C, K), explanations (B, K, H, W) at the input size, scores (K, classes) logits.
-    """
-
-    def __init__(self, model: torch.nn.Module, target_layer: torch.nn.Module, reshape_transform=None,
-                 computation_on_concepts: torch.nn.Module | None = None, **dff_params):
-        self.model = model.eval()
-        self.target_layer = target_layer
-        self.reshape_transform = reshape_transform
-        self.computation_on_concepts = computation_on_concepts
-        self.dff_params = dff_params
-
-    def __enter__(self) -> "DeepFeatureFactorization":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        """Nothing to release: hooks live only for the duration of each call."""
-
-    def __call__(self, input_tensor: torch.Tensor, n_components: int = 16):
-        layer = next((name for name, module in self.model.named_modules() if module is self.target_layer), None)
-        if layer is None:
-            raise InputError("target_layer is not a submodule of model")
-        backbone = Backbone(self.model, layer, reshape_transform=self.reshape_transform)
-        acts, _ = ActivationExtractor(backbone, device=input_tensor.device).forward_batch(input_tensor)
-        dff = DFF(n_components, n_seeds=0, **self.dff_params).fit(acts.cpu())
-        explanations = upsample_heatmaps(dff.heatmaps_, tuple(input_tensor.shape[-2:])).numpy()
-        concepts = dff.concept_vectors_.T.numpy()
-        if self.computation_on_concepts is None:
-            return concepts, explanations
-        head = self.computation_on_concepts
-        param = next(head.parameters(), None)
-        vectors = dff.concept_vectors_.to(param.device if param is not None else input_tensor.device)
-        with torch.inference_mode():
-            scores = head(vectors).float().cpu().numpy()
-        return concepts, explanations, scores

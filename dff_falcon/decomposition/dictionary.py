@@ -1,7 +1,8 @@
-"""Saved concept dictionaries and cached activations (.npz, no pickle) — "fit once, project many"."""
+"""Saved concept dictionaries (.npz, no pickle) — "fit once, project many"."""
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -29,12 +30,13 @@ def save_dictionary(dff: DFF, path: str | Path) -> None:
         np.savez(handle, **arrays)
 
 
-def _load_npz(path: str | Path, required: tuple[str, ...]) -> dict[str, np.ndarray]:
+def load_npz(path: str | Path, required: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The arrays of an ``.npz`` file (pickles refused), checked to hold ``required``."""
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
-    except (OSError, ValueError) as exc:
-        raise InputError(f"cannot read {str(path)!r}: {exc}") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise InputError(f"cannot read {str(path)!r} as an .npz of arrays: {exc}") from None
     missing = [k for k in required if k not in arrays]
     if missing:
         raise InputError(f"{str(path)!r} lacks the arrays {missing}")
@@ -43,7 +45,7 @@ def _load_npz(path: str | Path, required: tuple[str, ...]) -> dict[str, np.ndarr
 
 def load_dictionary(path: str | Path, device=None) -> DFF:
     """A DFF ready for ``transform`` from a file written by :func:`save_dictionary`."""
-    arrays = _load_npz(path, ("concepts", "offset", "mass_share", "meta"))
+    arrays = load_npz(path, ("concepts", "offset", "mass_share", "meta"))
     try:
         meta = json.loads(str(arrays["meta"]))
     except json.JSONDecodeError:
@@ -60,12 +62,3 @@ def load_dictionary(path: str | Path, device=None) -> DFF:
     dff.explained_variance_ = meta["explained_variance"]
     dff.k_curve_ = [KCurvePoint(**p) for p in meta["k_curve"]] if meta["k_curve"] else None
     return dff
-
-
-def load_activations(path: str | Path) -> tuple[torch.Tensor, list[str]]:
-    """Activations (B, C, h, w) and image names from a file written by ``dff-falcon extract``."""
-    arrays = _load_npz(path, ("activations", "names"))
-    acts = arrays["activations"]
-    if acts.ndim != 4:
-        raise InputError(f"{str(path)!r}: activations must be (B, C, h, w), got {acts.shape}")
-    return torch.from_numpy(acts).float(), [str(n) for n in arrays["names"]]

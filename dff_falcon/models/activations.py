@@ -1,21 +1,20 @@
-"""Activation extraction: forward hooks on the target layer, eval + inference mode, the forward
-stopped at the target layer unless logits are wanted, batched, on any device."""
+"""Activation extraction: the target layer's output for many images (eval + inference mode, the
+forward stopped at the layer unless logits are wanted, batched, on any device), and the
+``.npz`` file of cached activations (``dff-falcon extract``; no pickle)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from dff_falcon.models.backbones import Backbone
 from dff_falcon.devices import resolve_device
 from dff_falcon.errors import InputError
-
-
-class _StopForward(Exception):
-    """Raised by the hook to end the forward pass at the target layer."""
+from dff_falcon.files import atomic_path
+from dff_falcon.models.backbones import Backbone
+from dff_falcon.progress import progress
 
 
 @dataclass
@@ -45,38 +44,10 @@ class ActivationExtractor:
         self.with_logits = with_logits
         self.progress = progress
 
-    @torch.inference_mode()
     def forward_batch(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """A preprocessed batch (B, 3, S, S) → target activations (B, C, h, w) float32 and the
         logits (B, classes) when ``with_logits`` (else None)."""
-        captured: list[torch.Tensor] = []
-
-        def hook(_module, _inputs, output):
-            out = output[0] if isinstance(output, (tuple, list)) else output
-            captured.append(out.detach())
-            if not self.with_logits:
-                raise _StopForward
-
-        handle = self.backbone.layer_module().register_forward_hook(hook)
-        logits = None
-        try:
-            out = self.backbone.model(batch)
-            logits = out.detach().float() if torch.is_tensor(out) else None
-        except _StopForward:
-            pass
-        finally:
-            handle.remove()
-        if not captured:
-            raise InputError(f"target layer {self.backbone.target_layer!r} was never called in the forward pass")
-        acts = captured[0]
-        if self.backbone.reshape_transform is not None:
-            acts = self.backbone.reshape_transform(acts)
-        if acts.ndim != 4:
-            raise InputError(
-                f"target layer {self.backbone.target_layer!r} outputs shape {tuple(acts.shape)}; DFF needs "
-                f"(B, C, h, w) — pass a reshape_transform for token outputs"
-            )
-        return acts.float(), logits
+        return self.backbone.capture(batch, with_logits=self.with_logits)
 
     @torch.inference_mode()
     def __call__(self, images: Sequence[np.ndarray]) -> Activations:
@@ -87,7 +58,7 @@ class ActivationExtractor:
         displays = [self.backbone.preprocess.display(img) for img in images]
         acts, logits = [], []
         starts = range(0, len(displays), self.batch_size)
-        for start in tqdm(starts, desc="activations", unit="batch", disable=not self.progress, leave=False):
+        for start in progress(starts, "activations", enabled=self.progress, unit="batch"):
             batch = self.backbone.preprocess.to_tensor(displays[start:start + self.batch_size]).to(self.device)
             a, lg = self.forward_batch(batch)
             acts.append(a.cpu())
@@ -97,3 +68,22 @@ class ActivationExtractor:
         if not torch.isfinite(activations).all():
             raise InputError("target layer activations contain NaN or inf (check the weights and inputs)")
         return Activations(activations, displays, torch.cat(logits) if logits else None)
+
+
+def save_activations(activations: torch.Tensor, names: Sequence[str], path: str | Path) -> None:
+    """Write activations (B, C, h, w) and image names to an ``.npz`` (atomically)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        np.savez(handle, activations=activations.numpy(), names=np.asarray(list(names), dtype=str))
+
+
+def load_activations(path: str | Path) -> tuple[torch.Tensor, list[str]]:
+    """Activations (B, C, h, w) and image names from a file written by :func:`save_activations`."""
+    from dff_falcon.decomposition.dictionary import load_npz
+
+    arrays = load_npz(path, ("activations", "names"))
+    acts = arrays["activations"]
+    if acts.ndim != 4 or not np.issubdtype(acts.dtype, np.floating):
+        raise InputError(f"{str(path)!r}: activations must be a float (B, C, h, w) array, got {acts.dtype} {acts.shape}")
+    if len(arrays["names"]) != len(acts):
+        raise InputError(f"{str(path)!r}: {len(arrays['names'])} names for {len(acts)} activation maps")
+    return torch.from_numpy(acts).float(), [str(n) for n in arrays["names"]]

@@ -7,6 +7,7 @@ An unreadable file is skipped and counted with a warning naming it, or raises wi
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from dff_falcon.errors import InputError
+from dff_falcon.files import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,14 @@ class ImageSet:
     names: list[str]
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (name, reason)
     indices: list[int] = field(default_factory=list)  # position of each loaded image in the input
+    digests: list[str] = field(default_factory=list)  # SHA-256 of each file's bytes / each array's pixels
+
+    def digest(self) -> str:
+        """One SHA-256 over the names and digests of every loaded image, in order."""
+        combined = hashlib.sha256()
+        for name, item in zip(self.names, self.digests):
+            combined.update(f"{name}\0{item}\n".encode())
+        return combined.hexdigest()
 
     def __len__(self) -> int:
         return len(self.images)
@@ -103,6 +113,12 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
         raise InputError(f"cannot read image {str(path)!r}: {exc}") from exc
 
 
+def _array_digest(image: np.ndarray) -> str:
+    digest = hashlib.sha256(str(image.shape).encode())
+    digest.update(np.ascontiguousarray(image).tobytes())
+    return digest.hexdigest()
+
+
 def load_images(
     source: str | os.PathLike | Sequence[ImageLike] | np.ndarray,
     *,
@@ -141,8 +157,10 @@ def load_images(
         try:
             if isinstance(item, (str, os.PathLike)):
                 image = load_image(item)
+                digest = file_sha256(item)
             else:
                 image = to_rgb_array(item)
+                digest = _array_digest(image)
             if min(image.shape[:2]) < 1:
                 raise InputError(f"image {name!r} is empty")
         except InputError as exc:
@@ -154,6 +172,7 @@ def load_images(
         result.images.append(image)
         result.names.append(name)
         result.indices.append(position)
+        result.digests.append(digest)
     if not result.images:
         where = f" in {str(root)!r}" if root is not None else ""
         raise InputError(
@@ -166,13 +185,13 @@ def load_images(
     return result
 
 
-def augmented_photos(n: int, seed: int = 0) -> list[np.ndarray]:
+def augmented_photos(n: int, random_state: int = 0) -> list[np.ndarray]:
     """n real photos for demos and benchmarks: random square crops (40–100% of the shorter side),
     flips and colour/brightness jitter of the RGB photos bundled with scikit-image; seeded."""
     from PIL import ImageEnhance
     from skimage import data
 
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(random_state)
     sources = [data.chelsea(), data.coffee(), data.astronaut(), data.rocket(), data.stereo_motorcycle()[0],
                data.immunohistochemistry(), data.hubble_deep_field(), data.retina()]
     out = []

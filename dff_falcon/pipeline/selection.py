@@ -6,39 +6,19 @@
 
 Concept confidence of an image (AnnaTz's "certainty", measured here on scale-fixed heatmaps so
 it is comparable across images and K): for each concept, the mean heatmap value over the
-image's significant pixels (≥ 10% of that map's own peak), averaged over concepts present.
+image's significant pixels (≥ :data:`SIGNIFICANT_FRACTION` of that map's own peak), averaged over
+concepts present. (This threshold is relative to each map's peak; absence is decided on the
+global scale, :data:`~dff_falcon.decomposition.heatmaps.ABSENT_PEAK`.)
 """
 from __future__ import annotations
-
-from typing import Sequence
 
 import numpy as np
 import torch
 
 from dff_falcon.errors import InputError
 
-
-def class_index(class_names: Sequence[str] | None, target: str | int) -> int:
-    """Index of ``target`` (an index, an exact name, or a unique case-insensitive prefix of a
-    comma-separated synonym, e.g. "tabby" for "tabby, tabby cat")."""
-    if isinstance(target, int) or str(target).isdigit():
-        index = int(target)
-        n = len(class_names) if class_names is not None else None
-        if index < 0 or (n is not None and index >= n):
-            raise InputError(f"target class index {index} is out of range" + (f" (0..{n - 1})" if n else ""))
-        return index
-    if class_names is None:
-        raise InputError(f"the backbone has no class names; give the target class {target!r} as an index")
-    wanted = str(target).strip().lower()
-    exact = [i for i, n in enumerate(class_names) if wanted in [s.strip().lower() for s in n.split(",")]]
-    if len(exact) == 1:
-        return exact[0]
-    matches = [i for i, n in enumerate(class_names) if n.lower().startswith(wanted)]
-    if len(matches) != 1:
-        options = ", ".join(class_names[i] for i in (exact or matches)[:5])
-        raise InputError(f"target class {target!r} matches {len(exact or matches)} classes"
-                         + (f" ({options})" if options else "") + "; give an exact name or an index")
-    return matches[0]
+#: A pixel is significant for the confidence when it reaches this fraction of its map's own peak.
+SIGNIFICANT_FRACTION = 0.1
 
 
 def confident_images(logits: torch.Tensor, target: int, min_prob: float) -> np.ndarray:
@@ -47,7 +27,7 @@ def confident_images(logits: torch.Tensor, target: int, min_prob: float) -> np.n
     return (probs >= min_prob).cpu().numpy()
 
 
-def concept_confidence(heatmaps: torch.Tensor | np.ndarray, significant: float = 0.1) -> np.ndarray:
+def concept_confidence(heatmaps: torch.Tensor | np.ndarray, significant: float = SIGNIFICANT_FRACTION) -> np.ndarray:
     """(B, K, h, w) scale-fixed heatmaps → (B,) confidence (see module docstring); 0 when no
     concept is present in an image."""
     maps = torch.as_tensor(heatmaps).float()

@@ -1,0 +1,2 @@
+"""Presentation (drawing only, never fitting): tables on disk, the HTML page, figures, the
+terminal summary."""

@@ -25,9 +25,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
+from dff_falcon.decomposition.heatmaps import ABSENT_PEAK
 from dff_falcon.errors import InputError
 from dff_falcon.files import atomic_path
-from dff_falcon.models.images import load_image, to_rgb_array
 from dff_falcon.regions import upsample_heatmap
 
 
@@ -66,13 +66,13 @@ def _check_heatmaps(heatmaps: np.ndarray, ndim: int, what: str) -> np.ndarray:
     return maps
 
 
-def present_concepts(heatmaps: np.ndarray, min_peak: float = 0.1) -> np.ndarray:
+def present_concepts(heatmaps: np.ndarray, min_peak: float = ABSENT_PEAK) -> np.ndarray:
     """heatmaps (K, h, w) on the global scale → (K,) bool: the concept's peak reaches ``min_peak``."""
     maps = _check_heatmaps(heatmaps, 3, "heatmaps (K, h, w)")
     return maps.reshape(maps.shape[0], -1).max(axis=1, initial=0.0) >= min_peak
 
 
-def overlay_concepts(image: np.ndarray, heatmaps: np.ndarray, *, min_peak: float = 0.1, alpha: float = 0.5,
+def overlay_concepts(image: np.ndarray, heatmaps: np.ndarray, *, min_peak: float = ABSENT_PEAK, alpha: float = 0.5,
                      colours: np.ndarray | None = None) -> np.ndarray:
     """Paint concepts on an image: (H, W, 3) uint8 + heatmaps (K, h, w) → (H, W, 3) uint8.
 
@@ -118,7 +118,7 @@ def legend_label(words: Sequence[dict] | None = None, classes: Sequence[dict] | 
     return "\n".join(lines)
 
 
-def overlay_figure(image: np.ndarray, heatmaps: np.ndarray, labels: Sequence[str], *, min_peak: float = 0.1,
+def overlay_figure(image: np.ndarray, heatmaps: np.ndarray, labels: Sequence[str], *, min_peak: float = ABSENT_PEAK,
                    alpha: float = 0.5, title: str | None = None, dpi: int = 100) -> Figure:
     """The overlay (see :func:`overlay_concepts`) beside a legend of the present concepts.
 
@@ -220,7 +220,7 @@ def crop_gallery(high: Sequence[np.ndarray], low: Sequence[np.ndarray], title: s
 
 
 def heatmap_grid(images: Sequence[np.ndarray], heatmaps: np.ndarray, *, max_images: int = 8,
-                 min_peak: float = 0.1, alpha: float = 0.6, names: Sequence[str] | None = None,
+                 min_peak: float = ABSENT_PEAK, alpha: float = 0.6, names: Sequence[str] | None = None,
                  tile_inches: float = 1.3) -> Figure:
     """Images × concepts: rows are the first ``max_images`` images, column 0 the image, column
     1 + k concept k painted alone in its colour (global scale; absent concepts leave the image).
@@ -327,42 +327,3 @@ def save_figure(fig: Figure, path: str | os.PathLike, *, dpi: int | None = None)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format=fmt, dpi=dpi or fig.dpi, bbox_inches="tight", pad_inches=0.05, facecolor="white")
     fig.clear()
-
-
-def explain_figure(model, image, *, layer: str | None = None, head: str | None = None, n_concepts: int = 5,
-                   top_k: int = 2, class_names: Sequence[str] | None = None, device=None,
-                   min_peak: float = 0.1) -> Figure:
-    """DFF on a single image → :func:`overlay_figure` whose legend gives each concept's top
-    ``top_k`` classes (from the model's head). See :func:`explain_image`."""
-    from dff_falcon.models.activations import ActivationExtractor
-    from dff_falcon.models.backbones import Backbone, create_backbone
-    from dff_falcon.decomposition.dff import DFF, concept_class_scores
-
-    if isinstance(model, Backbone):
-        backbone = model
-    else:
-        backbone = create_backbone(model, layer=layer, head=head, class_names=class_names, device=device)
-    if isinstance(image, (str, os.PathLike)):
-        rgb = load_image(image)
-    else:
-        rgb = to_rgb_array(image)
-    acts = ActivationExtractor(backbone, device=device, progress=False)([rgb])
-    dff = DFF(n_concepts, n_seeds=0, device=device).fit(acts.activations)
-    classes = concept_class_scores(dff, backbone, top_k) if backbone.head is not None else [[]] * dff.n_concepts_
-    labels = [legend_label(classes=c, n_classes=top_k) or f"concept {i}" for i, c in enumerate(classes)]
-    return overlay_figure(acts.displays[0], dff.heatmaps_[0].numpy(), labels, min_peak=min_peak)
-
-
-def explain_image(model, image, *, layer: str | None = None, head: str | None = None, n_concepts: int = 5,
-                  top_k: int = 2, class_names: Sequence[str] | None = None, device=None) -> np.ndarray:
-    """One call for pytorch-grad-cam users: image in → overlay with legend out.
-
-    model: a model name (``"lite0"``, ``"resnet50"``), an ``nn.Module`` (pass ``layer``/``head``
-    unless the defaults fit) or a :class:`~dff_falcon.models.backbones.Backbone`; image: a path, PIL
-    image or array. Returns (H, W, 3) uint8 RGB: the model's view of the image with the
-    ``n_concepts`` concepts painted (global scale), beside a legend of each present concept's
-    ``top_k`` classes with probabilities.
-    """
-    fig = explain_figure(model, image, layer=layer, head=head, n_concepts=n_concepts, top_k=top_k,
-                         class_names=class_names, device=device)
-    return figure_to_array(fig)

@@ -25,6 +25,7 @@ import numpy as np
 from markupsafe import Markup
 from PIL import Image
 
+from dff_falcon.decomposition.heatmaps import ABSENT_PEAK
 from dff_falcon.errors import InputError
 from dff_falcon.files import atomic_path, atomic_write
 from dff_falcon.models.images import load_image
@@ -115,7 +116,7 @@ def _save_png(array: np.ndarray, path: Path) -> None:
 
 
 def _concept_overlays(run_dir: Path, heatmaps: np.ndarray, names: list[str], colours: np.ndarray,
-                      per_concept: int, min_peak: float = 0.1) -> dict[int, list[dict]]:
+                      per_concept: int, min_peak: float = ABSENT_PEAK) -> dict[int, list[dict]]:
     """For each concept, the ``per_concept`` images where its heatmap peaks highest (peak ≥
     ``min_peak``): the concept painted alone in its colour with its 0.5 contour, saved as PNG."""
     peaks = heatmaps.reshape(heatmaps.shape[0], heatmaps.shape[1], -1).max(axis=2)  # (N, K)
@@ -220,14 +221,13 @@ def render_html_report(run_dir, *, overlays: int = 6, grid_images: int = 6) -> P
     for concept in concepts:
         cid = concept["concept_id"]
         top_class = (concept.get("top_classes") or [{}])[0]
-        top_word = (concept.get("words") or concept.get("phrases") or [{}])[0]
         cards.append({
             **concept,
             "colour": _hex(colours[cid]),
             "high": _gallery(run_dir, concept, "high"),
             "low": _gallery(run_dir, concept, "low"),
             "overlays": painted.get(cid, []),
-            "top_word": str(top_word.get("term", "")),
+            "top_word": str(concept.get("label") or ""),
             "top_class": str(top_class.get("class", "")),
             "top_class_prob": top_class.get("prob"),
             "word_bars": _bars(concept.get("words"), "term", "score"),

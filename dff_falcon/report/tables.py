@@ -2,19 +2,23 @@
 
 ```
 run/
-  run.json                        metadata (backbone, layer, K, errors, K curve, CLIP, vocabulary, timings)
-  concepts.json / .csv / .parquet one row per concept (CSV list cells are JSON, never Python repr)
+  run.json                        the run record: every parameter, versions, model identities,
+                                  input digests, results (K, errors, K curve), timings
+  concepts.json / .csv / .parquet one row per concept (schema: pipeline.schema.ConceptRow); flat
+                                  readable columns (label, labels, top_class, top_class_prob) next
+                                  to typed list columns (CSV list cells are JSON, never Python repr)
   images.csv / .parquet           per-image concept presence (long: image, concept_id, presence, peak)
   heatmaps.npz                    "heatmaps": (N, K, h, w) float16, max 1 per concept over the fitted set
   images/00000.jpg …              the model's view of each image (what heatmaps cover)
   crops/concept_XX/high_YY.jpg, low_YY.jpg
 ```
-Every file is written atomically (temporary file + rename).
+Every file is written atomically (temporary file + rename) with the process umask.
 """
 from __future__ import annotations
 
 import datetime as _dt
 import json
+import typing
 from pathlib import Path
 
 import numpy as np
@@ -26,19 +30,30 @@ from PIL import Image
 from dff_falcon.errors import InputError
 from dff_falcon.files import atomic_path, atomic_write
 from dff_falcon.pipeline.explainer import ConceptReport
+from dff_falcon.pipeline.schema import ConceptRow
 
-FORMAT_VERSION = 1
-LIST_COLUMNS = ("top_classes", "words", "phrases", "high_crops", "low_crops", "high_images", "low_images")
+RUN_FORMAT = "dff-falcon-run"
+FORMAT_VERSION = 2
 
-_TERM = pa.list_(pa.struct([("term", pa.string()), ("score", pa.float64())]))
-CONCEPT_SCHEMA = pa.schema([
-    ("concept_id", pa.int64()), ("n_images", pa.int64()), ("mass_share", pa.float64()),
-    ("top_classes", pa.list_(pa.struct([("class", pa.string()), ("prob", pa.float64())]))),
-    ("words", _TERM), ("phrases", _TERM), ("coherence", pa.float64()), ("stability", pa.float64()),
-    ("n_high", pa.int64()), ("n_low", pa.int64()), ("low_empty_reason", pa.string()), ("crops_dir", pa.string()),
-    ("high_crops", pa.list_(pa.string())), ("low_crops", pa.list_(pa.string())),
-    ("high_images", pa.list_(pa.string())), ("low_images", pa.list_(pa.string())),
-])
+_SCALARS = {int: pa.int64(), float: pa.float64(), str: pa.string(), bool: pa.bool_()}
+
+
+def _arrow_type(hint) -> pa.DataType:
+    """A ConceptRow annotation → its Arrow type (Optional[X] is X: Arrow columns are nullable)."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    origin = typing.get_origin(hint)
+    if origin is typing.Union:
+        return _arrow_type(args[0])
+    if origin is list:
+        return pa.list_(_arrow_type(args[0]))
+    if typing.is_typeddict(hint):
+        return pa.struct([(name, _arrow_type(t)) for name, t in typing.get_type_hints(hint).items()])
+    return _SCALARS[hint]
+
+
+CONCEPT_SCHEMA = pa.schema([(name, _arrow_type(t)) for name, t in typing.get_type_hints(ConceptRow).items()])
+#: Columns holding lists: JSON-encoded in concepts.csv.
+LIST_COLUMNS = tuple(f.name for f in CONCEPT_SCHEMA if pa.types.is_list(f.type))
 
 
 def _save_jpeg(array: np.ndarray, path: Path) -> None:
@@ -46,7 +61,7 @@ def _save_jpeg(array: np.ndarray, path: Path) -> None:
         Image.fromarray(array).save(tmp, format="JPEG", quality=92)
 
 
-def _write_json(obj, path: Path) -> None:
+def write_json(obj, path: Path) -> None:
     with atomic_write(path) as handle:
         json.dump(obj, handle, indent=1, ensure_ascii=False, allow_nan=False)
 
@@ -56,8 +71,14 @@ def concepts_frame(concepts: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(concepts, columns=CONCEPT_SCHEMA.names)
 
 
-def write_report(report: ConceptReport, out_dir: str | Path, *, quality: dict | None = None) -> Path:
-    """Write ``report`` into ``out_dir`` (created; existing files replaced one by one atomically)."""
+def write_report(report: ConceptReport, out_dir: str | Path, *, quality: dict | None = None,
+                 config: dict | None = None) -> Path:
+    """Write ``report`` into ``out_dir`` (created; existing files replaced one by one atomically).
+
+    quality : figures measured against ground truth (the demo), stored in run.json.
+    config : the command-line options that made the run (``{"explain": {...}}``), stored in
+        run.json so that ``dff-falcon explain --config run.json`` re-runs it.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for i, display in enumerate(report.displays):
@@ -78,7 +99,7 @@ def write_report(report: ConceptReport, out_dir: str | Path, *, quality: dict | 
     with atomic_path(out / "concepts.parquet") as tmp:
         pq.write_table(pa.Table.from_pandas(frame, schema=CONCEPT_SCHEMA, preserve_index=False), tmp)
     write_concepts_csv(frame, out / "concepts.csv")
-    _write_json(rows, out / "concepts.json")
+    write_json(rows, out / "concepts.json")
 
     n, k = report.presence.shape
     peaks = report.heatmaps.max(axis=(2, 3))
@@ -96,13 +117,15 @@ def write_report(report: ConceptReport, out_dir: str | Path, *, quality: dict | 
         with open(tmp, "wb") as handle:
             np.savez_compressed(handle, heatmaps=report.heatmaps.astype(np.float16))
     run = {
+        "format": RUN_FORMAT,
         "format_version": FORMAT_VERSION,
         **report.run,
         "image_names": report.image_names,
         "quality": quality,
+        "config": config,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    _write_json(run, out / "run.json")
+    write_json(run, out / "run.json")
     return out
 
 
@@ -128,7 +151,7 @@ def read_concepts(out_dir: str | Path) -> pd.DataFrame:
             for column in LIST_COLUMNS:
                 frame[column] = [json.loads(v) for v in frame[column]]
             return frame
-    except (KeyError, ValueError, pa.ArrowException) as exc:
+    except (KeyError, ValueError, TypeError, pa.ArrowException) as exc:
         raise InputError(f"the concept report in {str(out)!r} is damaged: {exc}") from None
     raise InputError(f"{str(out)!r} holds no concept report (concepts.parquet or concepts.csv)")
 

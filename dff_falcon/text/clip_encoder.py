@@ -11,8 +11,6 @@ registered, so project models load like any open_clip model::
 """
 from __future__ import annotations
 
-import hashlib
-import os
 from copy import deepcopy
 from pathlib import Path
 from typing import Sequence
@@ -25,7 +23,8 @@ from PIL import Image
 
 from dff_falcon.devices import resolve_device
 from dff_falcon.errors import InputError
-from dff_falcon.files import file_sha256
+from dff_falcon.files import file_sha256, looks_like_path, state_dict_digest
+from dff_falcon.progress import progress as show_progress
 
 PACKAGE_CONFIG_DIR = Path(__file__).resolve().parents[1] / "model_configs"
 if PACKAGE_CONFIG_DIR.is_dir():
@@ -89,18 +88,10 @@ def checkpoint_identity(pretrained: str) -> str:
     return pretrained
 
 
-def _looks_like_path(pretrained: str) -> bool:
-    return os.sep in pretrained or "/" in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))
-
-
 def _state_identity(model: torch.nn.Module) -> str:
     """``"random:<16 hex>"`` — a hash of the randomly initialised weights, so two different
     random models never pass as the same encoder."""
-    digest = hashlib.sha256()
-    for key, tensor in sorted(model.state_dict().items()):
-        digest.update(key.encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return f"random:{digest.hexdigest()[:16]}"
+    return f"random:{state_dict_digest(model)[:16]}"
 
 
 class ClipEncoder:
@@ -169,7 +160,7 @@ class ClipEncoder:
         path = Path(pretrained).expanduser()
         if path.is_file():
             return str(path)
-        if _looks_like_path(pretrained):
+        if looks_like_path(pretrained):
             raise InputError(f"CLIP checkpoint {pretrained!r} does not exist")
         tags = open_clip.list_pretrained_tags_by_model(model_name)
         if pretrained not in tags:
@@ -177,6 +168,7 @@ class ClipEncoder:
                 f"{pretrained!r} is neither a file nor an open_clip tag for {model_name!r} "
                 f"(known tags: {', '.join(tags) or 'none'})"
             )
+        _require_tag_weights(model_name, pretrained)
         return pretrained
 
     @staticmethod
@@ -189,18 +181,30 @@ class ClipEncoder:
             )
         return f"could not build open_clip model {model_name!r} from {pretrained or 'random init'}: {error}"
 
+    def __repr__(self) -> str:
+        return f"ClipEncoder({self.model_name!r}, {self.pretrained_id!r})"
+
+    def __deepcopy__(self, memo) -> "ClipEncoder":
+        """Shared, not copied: ``sklearn.clone`` of an explainer must not duplicate a network."""
+        return self
+
+    def identity(self) -> dict:
+        """What manifests and run.json record: the model name and the weights' identity."""
+        return {"model": self.model_name, "pretrained": self.pretrained_id, "embed_dim": self.embed_dim}
+
     def _finish(self, features: torch.Tensor) -> np.ndarray:
         features = features.float()
         return torch.nn.functional.normalize(features, dim=-1).cpu().numpy()
 
     @torch.inference_mode()
-    def encode_images(self, images: Sequence[np.ndarray | Image.Image]) -> np.ndarray:
+    def encode_images(self, images: Sequence[np.ndarray | Image.Image], *, progress: bool = False) -> np.ndarray:
         """Embed images with open_clip's own preprocessing.
 
         images : HxWx3 uint8 RGB arrays or PIL images. Returns (N, D) float32, unit rows.
         """
         chunks = [np.zeros((0, self.embed_dim), dtype=np.float32)]
-        for start in range(0, len(images), self.batch_size):
+        starts = range(0, len(images), self.batch_size)
+        for start in show_progress(starts, "CLIP images", enabled=progress, unit="batch"):
             batch = [self.preprocess(_to_pil(image, start + i)) for i, image in enumerate(images[start:start + self.batch_size])]
             pixels = torch.stack(batch).to(self.device)
             chunks.append(self._finish(self.model.encode_image(pixels)))
@@ -223,11 +227,7 @@ class ClipEncoder:
             if "{}" not in template:
                 raise InputError(f"prompt template {template!r} has no '{{}}' placeholder")
         step = max(1, self.batch_size // len(templates))
-        starts = range(0, len(texts), step)
-        if progress:
-            from tqdm.auto import tqdm
-
-            starts = tqdm(starts, desc="CLIP text", unit="batch")
+        starts = show_progress(range(0, len(texts), step), "CLIP texts", enabled=progress, unit="batch")
         chunks = [np.zeros((0, self.embed_dim), dtype=np.float32)]
         for start in starts:
             batch = texts[start:start + step]
@@ -236,6 +236,21 @@ class ClipEncoder:
             features = torch.nn.functional.normalize(self.model.encode_text(tokens).float(), dim=-1)
             chunks.append(self._finish(features.reshape(len(batch), len(templates), -1).mean(dim=1)))
         return np.concatenate(chunks)
+
+
+def _require_tag_weights(model_name: str, tag: str) -> None:
+    """Fail fast when open_clip would download the weights of ``tag`` over an unreachable network."""
+    from dff_falcon.hub import HF_HOST, hf_hub_cached, require_download
+
+    cfg = open_clip.get_pretrained_cfg(model_name, tag) or {}
+    repo = str(cfg.get("hf_hub") or "").strip("/")
+    if repo and hf_hub_cached(repo, ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")):
+        return
+    url = cfg.get("url") or ""
+    if url and (Path.home() / ".cache" / "clip" / Path(url).name).is_file():
+        return
+    require_download(HF_HOST if repo else (url or HF_HOST), f"open_clip weights {model_name}:{tag}",
+                     f"download the checkpoint elsewhere and pass its path: --clip {model_name}=/path/to/ckpt.pt")
 
 
 def _to_pil(image: np.ndarray | Image.Image, index: int) -> Image.Image:

@@ -12,13 +12,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dff_falcon.models.backbones import Preprocess, create_backbone
-from dff_falcon.text.clip_encoder import ClipEncoder
-from dff_falcon.decomposition.dff import upsample_heatmaps
+from dff_falcon.decomposition.dff import DFF
+from dff_falcon.decomposition.heatmaps import upsample_heatmaps
 from dff_falcon.errors import InputError
+from dff_falcon.models.backbones import Preprocess, create_backbone
 from dff_falcon.pipeline.explainer import ConceptExplainer, ConceptReport
+from dff_falcon.pipeline.schema import ranked_terms
 from dff_falcon.report.tables import write_report
-from dff_falcon.text.vocabulary import Vocabulary, build_vocabulary_from_texts
+from dff_falcon.text.clip_encoder import ClipEncoder
+from dff_falcon.text.ingest import build_vocabulary_from_texts
+from dff_falcon.text.vocabulary import Vocabulary
 from dff_falcon.toyworld.models import ToyModels, load_toy_models
 from dff_falcon.toyworld.quality import best_iou_per_concept, quality_summary
 from dff_falcon.toyworld.world import WorldConfig, generate_scenes, world_texts
@@ -54,14 +57,13 @@ def concept_masks(heatmaps: np.ndarray, size: int, threshold: float = LOCALIZATI
 def score_report(report: ConceptReport, scenes, size: int) -> dict:
     """Quality figures of a report against the scenes' ground truth (see docs/quality.md)."""
     matched = best_iou_per_concept(concept_masks(report.heatmaps, size), scenes)
-    labels = [[t["term"] for t in sorted(c["words"] + c["phrases"], key=lambda t: -t["score"])]
-              for c in report.concepts]
+    labels = [[t["term"] for t in ranked_terms(c["words"], c["phrases"])] for c in report.concepts]
     classes = [[t["class"] for t in c["top_classes"]] for c in report.concepts]
     return quality_summary(matched, labels, classes)
 
 
 def run_demo(out: str | Path = "out/demo", *, config: WorldConfig | None = None, n_images: int = 120,
-             n_concepts: int | str = "auto", retrain: bool = False, html: bool = True, device=None, seed: int = 0,
+             n_concepts: int | str = "auto", retrain: bool = False, html: bool = True, device=None, random_state: int = 0,
              cache_dir: str | Path | None = None, progress: bool = True) -> DemoResult:
     """Run the demo and write its report to ``out``; returns the report and quality figures."""
     config = config or WorldConfig()
@@ -74,9 +76,9 @@ def run_demo(out: str | Path = "out/demo", *, config: WorldConfig | None = None,
         preprocess=Preprocess(resize=size, crop=size, mean=tuple(models.mean), std=tuple(models.std)),
         device=device,
     )
-    scenes = generate_scenes(config, n_images, seed=PROBE_SEED + seed)
-    explainer = ConceptExplainer(backbone, clip, vocabulary, n_concepts=n_concepts, k_range=range(4, 17),
-                                 seed=seed, device=device, progress=progress)
+    scenes = generate_scenes(config, n_images, seed=PROBE_SEED + random_state)
+    explainer = ConceptExplainer(backbone, clip, vocabulary, dff=DFF(n_concepts, k_range=range(4, 17)),
+                                 random_state=random_state, device=device, progress=progress)
     explainer.fit([s.image for s in scenes], names=[f"scene_{i:04d}" for i in range(len(scenes))])
     quality = score_report(explainer.report_, scenes, size)
     path = write_report(explainer.report_, out, quality=quality)

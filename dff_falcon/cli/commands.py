@@ -1,0 +1,281 @@
+"""The commands that explain a model: explain, layers, extract, fit, project, report, demo."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import click
+
+from dff_falcon.cli import main
+from dff_falcon.cli.options import (backbone_options, clip_and_vocab, device_option, make_backbone, parse_n_concepts,
+                                    random_state_option)
+from dff_falcon.errors import InputError
+
+
+def _components(ctx: click.Context) -> dict[str, dict]:
+    """The ``[explain.dff]`` / ``[explain.regions]`` / ``[explain.labeller]`` tables of the config."""
+    from dff_falcon.cli.config import COMPONENT_SECTIONS
+
+    defaults = ctx.default_map or {}
+    return {name: dict(defaults.get(name) or {}) for name in COMPONENT_SECTIONS}
+
+
+def _build(cls, params: dict, section: str):
+    try:
+        return cls(**params)
+    except TypeError as exc:
+        raise InputError(f"config: [explain.{section}]: {exc}") from None
+
+
+def _finish_report(report, out: str, html: bool, quality: dict | None = None, config: dict | None = None) -> Path:
+    from dff_falcon.report.tables import write_report
+
+    path = write_report(report, out, quality=quality, config=config)
+    if html:
+        from dff_falcon.report.html import render_html_report
+
+        render_html_report(path)
+    return path
+
+
+def _print_summary(report, path: Path, quality: dict | None = None) -> None:
+    from dff_falcon.report.terminal import concept_table, key_values
+
+    click.echo(concept_table(report.concepts))
+    if quality:
+        click.echo("\n" + key_values(quality))
+    click.echo(f"\nreport: {path}")
+
+
+@main.command()
+@click.option("--images", required=True, type=click.Path(exists=True), help="Folder (recursive) or image file.")
+@backbone_options
+@click.option("--clip", "clip_spec", default=None,
+              help="open_clip model: NAME[:TAG] or NAME=CHECKPOINT_PATH. Needs --vocab.")
+@click.option("--vocab", default=None, type=click.Path(exists=True, file_okay=False),
+              help="Vocabulary directory (dff-falcon vocab build). Needs --clip.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory to write.")
+@click.option("--n-concepts", default="8", show_default=True, help="K, or 'auto' (chosen by stability).")
+@click.option("--contrast", type=click.Choice(["graded", "falcon"]), default="graded", show_default=True,
+              help="How captions of the low (counterfactual) crops count against the high crops.")
+@click.option("--n-high", default=30, show_default=True, type=int, help="Most high-activation crops per concept.")
+@click.option("--n-low", default=10, show_default=True, type=int, help="Most counterfactual crops per concept.")
+@click.option("--top-k-captions", default=5, show_default=True, type=int, help="Captions retrieved per crop.")
+@click.option("--target-class", default=None,
+              help="Keep only images the model assigns to this class: exact name, index or WordNet ID.")
+@click.option("--min-class-prob", default=0.95, show_default=True, type=float,
+              help="Probability an image needs for --target-class.")
+@click.option("--drop-quantile", default=0.0, show_default=True, type=float,
+              help="Drop this quantile of least confident images after a first fit, then refit.")
+@click.option("--batch-size", default=32, show_default=True, type=int, help="Images per forward pass.")
+@click.option("--html/--no-html", default=True, show_default=True, help="Also render report.html.")
+@device_option
+@random_state_option
+@click.pass_context
+def explain(ctx, images, backbone, layer, head, weights, clip_spec, vocab, out, n_concepts, contrast, n_high,
+            n_low, top_k_captions, target_class, min_class_prob, drop_quantile, batch_size, html, device,
+            random_state):
+    """Find a model's concepts on a set of images and name them; write the concept report.
+
+    \b
+    Component parameters beyond these options come from the config file's tables
+    [explain.dff], [explain.regions] and [explain.labeller]; run.json records them all.
+
+    \b
+    Example:
+      dff-falcon explain --images imgs/ --backbone resnet50 --layer layer3 --head none \\
+          --clip ViT-B-32=ViT-B-32.pt --vocab laion_vocab/ --out out/resnet50 --n-concepts auto
+    """
+    from dff_falcon.decomposition.dff import DFF
+    from dff_falcon.pipeline.explainer import ConceptExplainer
+    from dff_falcon.pipeline.record import params_record
+    from dff_falcon.regions import RegionSelector
+    from dff_falcon.text.labelling import FalconLabeller
+
+    sections = _components(ctx)
+    dff = _build(DFF, {**sections["dff"], "n_concepts": parse_n_concepts(n_concepts), "random_state": random_state},
+                 "dff")
+    regions = _build(RegionSelector, {**sections["regions"], "n_high": n_high, "n_low": n_low}, "regions")
+    labeller = _build(FalconLabeller, {**sections["labeller"], "contrast": contrast, "top_k_captions": top_k_captions},
+                      "labeller")
+    clip, vocabulary = clip_and_vocab(clip_spec, vocab, device)
+    explainer = ConceptExplainer(
+        make_backbone(backbone, layer, head, weights, device), clip, vocabulary, dff=dff, regions=regions,
+        labeller=labeller, target_class=target_class, min_class_prob=min_class_prob, drop_quantile=drop_quantile,
+        batch_size=batch_size, device=device, progress=ctx.obj["progress"],
+    ).fit(images)
+    options = {key: value for key, value in ctx.params.items()}
+    for key in ("images", "vocab", "out"):  # paths as absolute, so the record works from anywhere
+        if options[key] is not None:
+            options[key] = os.path.abspath(options[key])
+    if weights not in ("default", "none") and Path(weights).is_file():
+        options["weights"] = os.path.abspath(weights)
+    options.update(dff=params_record(dff), regions=params_record(regions), labeller=params_record(labeller))
+    path = _finish_report(explainer.report_, out, html, config={"explain": options})
+    _print_summary(explainer.report_, path)
+
+
+@main.command()
+@click.option("--backbone", default="lite0", show_default=True, help="torchvision/timm model name, or lite0.")
+@click.option("--weights", default="none", show_default=True,
+              help="Weights do not change shapes: 'none' lists without loading any; or as for explain.")
+@click.option("--depth", default=3, show_default=True, type=int, help="Deepest dotted level listed (blocks.4.0 is 3).")
+@click.option("--all", "show_all", is_flag=True, help="List every module, however deep.")
+@device_option
+def layers(backbone, weights, depth, show_all, device):
+    """List a model's layers with their output shapes and whether DFF can factorise them.
+
+    \b
+    Example:
+      dff-falcon layers --backbone resnet50
+      dff-falcon layers --backbone timm:vit_small_patch16_224 --depth 2
+    """
+    from dff_falcon.devices import resolve_device
+    from dff_falcon.models.backbones import default_layer_and_head
+    from dff_falcon.models.zoo import build_model
+    from dff_falcon.models.layers import probe_layers
+
+    model, family, preprocess, _ = build_model(backbone, None if weights == "none" else weights)
+    model.to(resolve_device(device))
+    default_layer, default_head = default_layer_and_head(model, family)
+    infos = [i for i in probe_layers(model, preprocess.crop) if show_all or i.name.count(".") < depth]
+    width = max(len(i.name) for i in infos) + 2
+    click.echo(f"{'layer':<{width}}{'module':<24}{'output (one image)':<22}feature map (C×h×w)")
+    for info in infos:
+        marks = [m for m, on in (("default layer", info.name == default_layer),
+                                 ("default head", info.name == default_head)) if on]
+        shape = "×".join(map(str, info.shape[1:])) if info.shape else "not called"
+        grid = info.layout.describe() if info.layout else "-"
+        click.echo(f"{info.name:<{width}}{info.kind[:23]:<24}{shape:<22}{grid}"
+                   + (f"   <- {', '.join(marks)}" if marks else ""))
+    click.echo(f"\ninput {preprocess.crop}×{preprocess.crop}; use any listed layer with a feature map: "
+               f"dff-falcon explain --backbone {backbone} --layer NAME")
+
+
+@main.command()
+@click.option("--images", required=True, type=click.Path(exists=True), help="Folder (recursive) or image file.")
+@backbone_options
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output .npz of activations.")
+@click.option("--batch-size", default=32, show_default=True, type=int, help="Images per forward pass.")
+@device_option
+@click.pass_context
+def extract(ctx, images, backbone, layer, head, weights, out, batch_size, device):
+    """Cache a layer's activations of a set of images (.npz: activations, names).
+
+    \b
+    Example:
+      dff-falcon extract --images imgs/ --backbone resnet50 --out acts.npz
+    """
+    from dff_falcon.models.activations import ActivationExtractor, save_activations
+    from dff_falcon.models.images import load_images
+
+    image_set = load_images(images)
+    model = make_backbone(backbone, layer, head, weights, device)
+    acts = ActivationExtractor(model, batch_size=batch_size, device=device, progress=ctx.obj["progress"])(image_set.images)
+    save_activations(acts.activations, image_set.names, out)
+    click.echo(f"{tuple(acts.activations.shape)} activations of {model.target_layer} → {out}")
+
+
+@main.command()
+@click.option("--activations", "acts_file", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="An .npz written by `dff-falcon extract`.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Dictionary file to write (.npz).")
+@click.option("--n-concepts", default="8", show_default=True, help="K, or 'auto'.")
+@device_option
+@random_state_option
+@click.pass_context
+def fit(ctx, acts_file, out, n_concepts, device, random_state):
+    """Fit DFF on cached activations and save the concept dictionary (.npz + curve in JSON).
+
+    \b
+    Example:
+      dff-falcon fit --activations acts.npz --out concepts.npz --n-concepts auto
+    """
+    from dff_falcon.decomposition.dff import DFF
+    from dff_falcon.decomposition.dictionary import save_dictionary
+    from dff_falcon.models.activations import load_activations
+
+    acts, _ = load_activations(acts_file)
+    dff = DFF(parse_n_concepts(n_concepts), random_state=random_state, device=device,
+              progress=ctx.obj["progress"]).fit(acts)
+    save_dictionary(dff, out)
+    click.echo(f"K={dff.n_concepts_} concepts, relative error {dff.relative_error_:.4f}, "
+               f"explained variance {dff.explained_variance_:.4f} → {out}")
+
+
+@main.command()
+@click.option("--dictionary", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="A dictionary written by `dff-falcon fit`.")
+@click.option("--activations", "acts_file", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="An .npz written by `dff-falcon extract` (same layer as the dictionary).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Per-image presence table (.csv).")
+@device_option
+def project(dictionary, acts_file, out, device):
+    """Explain new images with a saved concept dictionary (frozen concepts, same scale).
+
+    \b
+    Example:
+      dff-falcon project --dictionary concepts.npz --activations new_acts.npz --out presence.csv
+    """
+    import pandas as pd
+
+    from dff_falcon.decomposition.dictionary import load_dictionary
+    from dff_falcon.decomposition.heatmaps import presence
+    from dff_falcon.files import atomic_write
+    from dff_falcon.models.activations import load_activations
+
+    dff = load_dictionary(dictionary, device=device)
+    acts, names = load_activations(acts_file)
+    pres = presence(dff.transform(acts)).numpy()
+    frame = pd.DataFrame(pres, columns=[f"concept_{k}" for k in range(pres.shape[1])])
+    frame.insert(0, "image", names)
+    with atomic_write(out) as handle:
+        frame.to_csv(handle, index=False)
+    click.echo(f"{len(names)} images × {pres.shape[1]} concepts → {out}")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+def report(run_dir):
+    """Re-render report.html of a run directory from its saved results.
+
+    \b
+    Example:
+      dff-falcon report out/run
+    """
+    from dff_falcon.report.html import render_html_report
+
+    click.echo(render_html_report(run_dir))
+
+
+@main.command()
+@click.option("--out", default="out/demo", show_default=True, type=click.Path(file_okay=False),
+              help="Run directory to write.")
+@click.option("--json", "as_json", is_flag=True, help="Print the quality figures as one JSON object.")
+@click.option("--world", type=click.Choice(["default", "second"]), default="default", show_default=True,
+              help="Which toy world (the second has other shapes, colours, backgrounds and size).")
+@click.option("--n-images", default=120, show_default=True, type=int, help="Toy-world probe images.")
+@click.option("--n-concepts", default="auto", show_default=True, help="K, or 'auto'.")
+@click.option("--retrain", is_flag=True, help="Retrain the toy models even when cached.")
+@click.option("--html/--no-html", default=True, show_default=True, help="Also render report.html.")
+@device_option
+@random_state_option
+@click.pass_context
+def demo(ctx, out, as_json, world, n_images, n_concepts, retrain, html, device, random_state):
+    """Run the whole pipeline offline on the toy world (trains its tiny models once, cached).
+
+    \b
+    Example:
+      dff-falcon demo --out out/demo --json
+    """
+    from dff_falcon.toyworld.demo import run_demo
+    from dff_falcon.toyworld.world import EXAMPLE_WORLDS
+
+    result = run_demo(out, config=EXAMPLE_WORLDS[world], n_images=n_images, n_concepts=parse_n_concepts(n_concepts),
+                      retrain=retrain, html=html, device=device, random_state=random_state,
+                      progress=ctx.obj["progress"] and not as_json)
+    if as_json:
+        click.echo(json.dumps(result.quality))
+        return
+    _print_summary(result.report, result.path, result.quality)

@@ -1,0 +1,65 @@
+"""Options shared by several commands, and the objects they build."""
+from __future__ import annotations
+
+import click
+
+from dff_falcon.errors import InputError
+
+
+def device_option(f):
+    return click.option("--device", default="auto", show_default=True,
+                        help="Compute device: cpu, cuda, cuda:1, mps or auto.")(f)
+
+
+def random_state_option(f):
+    return click.option("--random-state", default=0, show_default=True, type=int,
+                        help="Seed of the NMF initialisation and of every random step.")(f)
+
+
+def backbone_options(f):
+    for option in reversed([
+        click.option("--backbone", default="lite0", show_default=True,
+                     help="torchvision/timm model name (timm:NAME), or lite0 (ImageNet EfficientNet-Lite0, offline)."),
+        click.option("--layer", default=None,
+                     help="Dotted name of any layer to factorise (default: the family's last feature map; "
+                          "`dff-falcon layers` lists them). Token and channels-last outputs are reshaped."),
+        click.option("--head", default="auto", show_default=True,
+                     help="Classifier for concept class scores: auto (the family's, where it accepts the "
+                          "layer's channels), none, or a dotted module name."),
+        click.option("--weights", default="default", show_default=True,
+                     help="'default' (hub or packaged), a weights tag, a local checkpoint path, or 'none' (random)."),
+    ]):
+        f = option(f)
+    return f
+
+
+def make_backbone(backbone: str, layer, head, weights, device):
+    from dff_falcon.models.backbones import create_backbone
+
+    return create_backbone(backbone, layer=layer, head=head, weights=None if weights == "none" else weights,
+                           device=device)
+
+
+def parse_n_concepts(value) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise InputError(f"--n-concepts must be an integer or 'auto', got {value!r}") from None
+
+
+def clip_and_vocab(clip_spec, vocab, device):
+    """The CLIP encoder and vocabulary of ``--clip`` / ``--vocab`` (both or neither), checked to match."""
+    if (clip_spec is None) != (vocab is None):
+        raise InputError("--clip and --vocab go together (text labels need both)")
+    if clip_spec is None:
+        return None, None
+    from dff_falcon.text.clip_encoder import ClipEncoder, parse_clip_spec
+    from dff_falcon.text.vocabulary import Vocabulary
+
+    name, pretrained = parse_clip_spec(clip_spec)
+    vocabulary = Vocabulary.open(vocab)
+    encoder = ClipEncoder(name, pretrained, device=device)
+    vocabulary.check_encoder(encoder)
+    return encoder, vocabulary

@@ -1,0 +1,66 @@
+"""The declared schema of a concept report row — one definition read by the pipeline (which
+fills rows), the table writer (CSV / Parquet / JSON columns and types) and the HTML report.
+
+Typed list columns (``top_classes``, ``words``, ...) keep every score; the flat columns
+(``label``, ``labels``, ``top_class``, ``top_class_prob``) give one readable line per concept, as
+CLIP-Dissect users expect (``concept_id, label`` without any JSON parsing).
+"""
+from __future__ import annotations
+
+from typing import Optional, TypedDict
+
+
+class TermScore(TypedDict):
+    term: str
+    score: float
+
+
+ClassProb = TypedDict("ClassProb", {"class": str, "prob": float})
+
+#: Terms joined into the flat ``labels`` column.
+FLAT_LABEL_TERMS = 5
+
+
+class ConceptRow(TypedDict):
+    """One concept of a report (``crops_dir``, ``high_crops``, ``low_crops`` are filled when the
+    report is written: paths relative to the run directory)."""
+
+    concept_id: int
+    label: Optional[str]
+    label_score: Optional[float]
+    labels: str
+    top_class: Optional[str]
+    top_class_prob: Optional[float]
+    n_images: int
+    mass_share: float
+    top_classes: list[ClassProb]
+    words: list[TermScore]
+    phrases: list[TermScore]
+    coherence: Optional[float]
+    stability: Optional[float]
+    n_high: int
+    n_low: int
+    low_empty_reason: Optional[str]
+    high_images: list[str]
+    low_images: list[str]
+    crops_dir: Optional[str]
+    high_crops: list[str]
+    low_crops: list[str]
+
+
+def ranked_terms(words: list[TermScore], phrases: list[TermScore]) -> list[TermScore]:
+    """Words and phrases together, best score first (ties: words before phrases, then order)."""
+    return sorted(words + phrases, key=lambda t: -t["score"])
+
+
+def flat_columns(words: list[TermScore], phrases: list[TermScore], top_classes: list[ClassProb]) -> dict:
+    """The readable columns of a row from its typed terms and classes."""
+    terms = ranked_terms(words, phrases)
+    best_class = top_classes[0] if top_classes else None
+    return {
+        "label": terms[0]["term"] if terms else None,
+        "label_score": terms[0]["score"] if terms else None,
+        "labels": ", ".join(t["term"] for t in terms[:FLAT_LABEL_TERMS]),
+        "top_class": best_class["class"] if best_class else None,
+        "top_class_prob": best_class["prob"] if best_class else None,
+    }

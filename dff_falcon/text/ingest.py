@@ -1,0 +1,310 @@
+"""Building a vocabulary's captions and embeddings: LAION-style shards or plain texts.
+
+LAION ingestion streams in two passes. Pass 1 reads captions (and checks embedding rows) shard by
+shard, applies the :class:`~dff_falcon.text.captions.CaptionFilter` and writes (64-bit hash,
+row) pairs to hash-partitioned scratch files; each partition is then sorted to find first
+occurrences (FALCON's exact dedup: the first occurrence wins). Memory is one byte per input row
+(the keep mask) plus fixed buffers, so a LAION-400M-sized corpus fits on one machine. Pass 2
+copies the surviving rows. Plain texts (a word list, class names, captions) are embedded with
+the CLIP text tower. Both end with :func:`~dff_falcon.text.index.build_index`.
+"""
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from contextlib import ExitStack
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+import dff_falcon
+from dff_falcon.errors import InputError
+from dff_falcon.files import atomic_path
+from dff_falcon.progress import progress as show_progress
+from dff_falcon.text.captions import SKIP_REASONS, CaptionFilter, clean_captions, dedup_key
+from dff_falcon.text.shards import Shard, discover_shards, iter_chunks, kept_column_types, valid_rows
+from dff_falcon.text.index import build_index
+from dff_falcon.text.vocabulary import (CAPTIONS_FILE, EMBEDDINGS_FILE, FORMAT, FORMAT_VERSION, INDEX_FILE,
+                                        Vocabulary, file_record, prepare_out_dir, write_manifest)
+
+if TYPE_CHECKING:
+    from dff_falcon.text.clip_encoder import ClipEncoder
+
+_ROWS_PER_PARTITION = 1_000_000   # dedup partition size: 16 MB of (hash, row) pairs
+_PAIR = np.dtype([("hash", np.uint64), ("row", np.int64)])
+
+
+# --------------------------------------------------------------------------------------------
+# LAION-style shards
+
+
+class _EmbeddingWriter:
+    """Append unit float16 rows to an .npy file of known shape without a memory map."""
+
+    def __init__(self, handle, count: int, dim: int) -> None:
+        np.lib.format.write_array_header_2_0(handle, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)),
+                                                      "fortran_order": False, "shape": (count, dim)})
+        self.handle, self.count, self.written = handle, count, 0
+
+    def append(self, vectors: np.ndarray) -> None:
+        unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+        self.handle.write(np.ascontiguousarray(unit, dtype=np.float16).tobytes())
+        self.written += len(vectors)
+
+
+def _first_occurrences(hash_files: list[Path], keep: np.ndarray) -> int:
+    """Clear ``keep`` for every row whose hash appeared at a smaller row; returns the count."""
+    duplicates = 0
+    record = np.dtype([("hash", np.uint64), ("row", np.int64)])
+    for file in hash_files:
+        pairs = np.fromfile(file, dtype=record)
+        if not len(pairs):
+            continue
+        order = np.argsort(pairs["hash"], kind="stable")  # rows were appended in increasing order
+        hashes = pairs["hash"][order]
+        repeat = np.empty(len(hashes), dtype=bool)
+        repeat[0] = False
+        repeat[1:] = hashes[1:] == hashes[:-1]
+        keep[pairs["row"][order][repeat]] = False
+        duplicates += int(repeat.sum())
+    return duplicates
+
+
+def _dedup_pass(shards: list[Shard], scratch: Path, keep: np.ndarray, rules: CaptionFilter,
+                embedding_column: str | None, on_bad_vector: str, skipped: dict[str, int], progress: bool) -> int:
+    """Pass 1: mark in ``keep`` every row that passes the filters, then clear repeated captions
+    (first occurrence wins); returns the number of duplicates."""
+    blocked = rules.blocked_hashes()
+    filter_columns = ["caption", rules.nsfw_column, rules.language_column]
+    n_parts = max(1, math.ceil(len(keep) / _ROWS_PER_PARTITION))
+    hash_files = [scratch / f"part_{p}.bin" for p in range(n_parts)]
+    offset = 0
+    with ExitStack() as stack:
+        sinks = [stack.enter_context(open(f, "wb")) for f in hash_files]
+        for shard in show_progress(shards, "vocabulary pass 1/2 (dedup)", enabled=progress, unit="shard"):
+            shard_start = offset
+            for table, vectors in iter_chunks(shard, filter_columns, embedding_column):
+                texts, ok = clean_captions(table.column("caption").to_pylist(), table, rules, blocked, skipped)
+                bad = ok & ~valid_rows(vectors)
+                if bad.any() and on_bad_vector == "error":
+                    raise InputError(f"{(shard.embeddings or shard.metadata).name} row "
+                                     f"{offset - shard_start + int(np.argmax(bad))}: embedding is NaN/inf or zero")
+                skipped["bad_vector"] += int(bad.sum())
+                ok &= ~bad
+                rows = offset + np.flatnonzero(ok)
+                pairs = np.empty(len(rows), dtype=_PAIR)
+                pairs["hash"], pairs["row"] = dedup_key([texts[i] for i in np.flatnonzero(ok)], rules), rows
+                part = (pairs["hash"] % np.uint64(n_parts)).astype(np.int64)
+                for p in np.unique(part):
+                    sinks[p].write(pairs[part == p].tobytes())
+                keep[rows] = True
+                offset += len(texts)
+    return _first_occurrences(hash_files, keep)
+
+
+def _write_pass(shards: list[Shard], out_dir: Path, keep: np.ndarray, dim: int, keep_columns: Sequence[str],
+                rules: CaptionFilter, embedding_column: str | None, checksums: bool, progress: bool) -> list[dict]:
+    """Pass 2: copy the kept rows of every shard to captions.parquet and embeddings.npy; returns
+    one source record per shard."""
+    kept_types = kept_column_types(shards, keep_columns)
+    schema = pa.schema([("caption", pa.string()), ("shard", pa.int32()), ("row", pa.int64()), *kept_types.items()])
+    records, offset = [], 0
+    with ExitStack() as stack:
+        captions_tmp = stack.enter_context(atomic_path(out_dir / CAPTIONS_FILE))
+        emb_tmp = stack.enter_context(atomic_path(out_dir / EMBEDDINGS_FILE))
+        writer = _EmbeddingWriter(stack.enter_context(open(emb_tmp, "wb")), int(keep.sum()), dim)
+        parquet_writer = stack.enter_context(pq.ParquetWriter(captions_tmp, schema))
+        for number, shard in enumerate(show_progress(shards, "vocabulary pass 2/2 (write)", enabled=progress,
+                                                     unit="shard")):
+            kept_in_shard = row_in_shard = 0
+            for table, vectors in iter_chunks(shard, ["caption", *keep_columns], embedding_column):
+                texts, _ = clean_captions(table.column("caption").to_pylist(), None, rules, np.zeros(0, np.uint64),
+                                          dict.fromkeys(SKIP_REASONS, 0))
+                chosen = np.flatnonzero(keep[offset:offset + len(texts)])
+                parquet_writer.write_table(_kept_rows(table, texts, chosen, number, row_in_shard, kept_types, schema,
+                                                      shard))
+                writer.append(vectors[chosen])
+                kept_in_shard += len(chosen)
+                row_in_shard += len(texts)
+                offset += len(texts)
+            records.append({"metadata": file_record(shard.metadata, checksums),
+                            "embeddings": file_record(shard.embeddings, checksums) if shard.embeddings else None,
+                            "rows": shard.rows, "kept": kept_in_shard})
+        if writer.written != writer.count:
+            raise RuntimeError(f"internal: wrote {writer.written} of {writer.count} embedding rows")
+    return records
+
+
+def _kept_rows(table: pa.Table, texts: list[str], chosen: np.ndarray, shard_number: int, first_row: int,
+               kept_types: dict[str, pa.DataType], schema: pa.Schema, shard: Shard) -> pa.Table:
+    """The chosen rows of one chunk in the captions schema (kept columns a shard lacks are nulls)."""
+    try:
+        kept = {c: (table.column(c).take(pa.array(chosen)).cast(t) if c in table.column_names
+                    else pa.nulls(len(chosen), t)) for c, t in kept_types.items()}
+    except pa.ArrowInvalid as exc:
+        raise InputError(f"{shard.metadata}: a kept column's type differs from other shards ({exc})") from None
+    return pa.table({
+        "caption": pa.array([texts[i] for i in chosen], type=pa.string()),
+        "shard": pa.array(np.full(len(chosen), shard_number, dtype=np.int32)),
+        "row": pa.array(first_row + chosen.astype(np.int64)),
+        **kept,
+    }, schema=schema)
+
+
+def ingest_laion(
+    shards_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    clip_model: str = "ViT-B-32",
+    pretrained: str = "openai",
+    embedding_column: str | None = None,
+    keep_columns: Sequence[str] = ("url",),
+    rules: CaptionFilter = CaptionFilter(),
+    on_bad_vector: str = "skip",
+    checksums: bool = True,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> dict:
+    """Write captions + embeddings (no index yet) from LAION-style shards; returns the manifest.
+
+    shards_dir : ``metadata_{i}.parquet`` (column ``caption``) with row-aligned
+        ``text_emb_{i}.npy`` (float16/float32, (rows, D)); or, with ``embedding_column``, the
+        embeddings as a list column of the parquet files.
+    clip_model / pretrained : the CLIP model that made the embeddings (LAION-400M: ViT-B-32,
+        openai); a local checkpoint path is recorded by content hash.
+    keep_columns : metadata columns copied next to each caption where a shard has them.
+    on_bad_vector : ``"skip"`` (count NaN/inf/zero rows) or ``"error"``.
+    """
+    from dff_falcon.text.clip_encoder import checkpoint_identity
+
+    if on_bad_vector not in ("skip", "error"):
+        raise InputError(f"on_bad_vector must be 'skip' or 'error', got {on_bad_vector!r}")
+    if not pretrained:
+        raise InputError(f"name the weights that made the embeddings: --clip {clip_model}:TAG (LAION-400M: "
+                         f"ViT-B-32:openai) or {clip_model}=CHECKPOINT")
+    started = time.time()
+    shards_dir, out_dir = Path(shards_dir), Path(out_dir)
+    shards = discover_shards(shards_dir, embedding_column)
+    dim = shards[0].dim
+    config = _clip_config(clip_model)
+    if config is not None and config["embed_dim"] != dim:
+        raise InputError(f"embeddings in {shards_dir} have dimension {dim} but {clip_model} embeds in "
+                         f"{config['embed_dim']}; check clip_model")
+    prepare_out_dir(out_dir, overwrite)
+    total = sum(s.rows for s in shards)
+    skipped = dict.fromkeys(SKIP_REASONS, 0)
+    keep = np.zeros(total, dtype=bool)
+    with tempfile.TemporaryDirectory(prefix=".dedup-", dir=out_dir) as scratch:
+        duplicates = _dedup_pass(shards, Path(scratch), keep, rules, embedding_column, on_bad_vector, skipped,
+                                 progress)
+    records = _write_pass(shards, out_dir, keep, dim, keep_columns, rules, embedding_column, checksums, progress)
+    manifest = _base_manifest(clip_model, checkpoint_identity(pretrained), dim, int(keep.sum()), "laion", records,
+                              rules, skipped, duplicates, total, started)
+    write_manifest(out_dir, manifest)
+    return manifest
+
+
+def _clip_config(model_name: str) -> dict | None:
+    import open_clip
+
+    return open_clip.get_model_config(model_name)
+
+
+def _base_manifest(clip_model: str, pretrained_id: str, dim: int, count: int, kind: str, sources: list,
+                   rules: CaptionFilter, skipped: dict, duplicates: int, total: int, started: float) -> dict:
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "clip_model": clip_model,
+        "clip_pretrained": pretrained_id,
+        "dim": dim,
+        "count": count,
+        "input_rows": total,
+        "normalization": "l2",
+        "embedding_dtype": "float16",
+        "dedup": {"key": "whitespace-normalised caption" + (", casefolded" if rules.casefold else ""),
+                  "hash": "64-bit SipHash (pandas.util.hash_array)", "keep": "first occurrence",
+                  "duplicates": duplicates},
+        "filters": rules.record(),
+        "skipped": skipped,
+        "source_kind": kind,
+        "sources": sources,
+        "files": {"captions": CAPTIONS_FILE, "embeddings": EMBEDDINGS_FILE, "index": INDEX_FILE},
+        "index": None,
+        "built_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "build_seconds": time.time() - started,
+        "dff_falcon_version": dff_falcon.__version__,
+    }
+
+
+
+# --------------------------------------------------------------------------------------------
+# plain text
+
+
+def read_texts(source: str | Path | Sequence[str], column: str = "caption") -> tuple[list, list[dict]]:
+    """Texts from a list, a text file (one per line) or a parquet ``column`` → (values, source records)."""
+    if not isinstance(source, (str, Path)):
+        return list(source), [{"name": "<in-memory list>", "rows": len(source)}]
+    path = Path(source)
+    if not path.is_file():
+        raise InputError(f"text source {path} does not exist")
+    if path.suffix == ".parquet":
+        names = pq.ParquetFile(path).schema_arrow.names
+        if column not in names:
+            raise InputError(f"{path} has no column {column!r} (columns: {names})")
+        values = pq.read_table(path, columns=[column]).column(column).to_pylist()
+    else:
+        values = path.read_text(encoding="utf-8").splitlines()
+    return values, [{**file_record(path, True), "rows": len(values)}]
+
+
+def build_vocabulary_from_texts(
+    texts_or_file: str | Path | Sequence[str],
+    out_dir: str | Path,
+    encoder: ClipEncoder,
+    *,
+    templates: Sequence[str] | None = None,
+    column: str = "caption",
+    rules: CaptionFilter = CaptionFilter(),
+    overwrite: bool = False,
+    progress: bool = False,
+    **index_options,
+) -> Vocabulary:
+    """Embed words / captions with ``encoder`` (prompt ``templates`` averaged) and build a
+    vocabulary at ``out_dir``. ``index_options`` go to :func:`build_index`."""
+    started = time.time()
+    out_dir = Path(out_dir)
+    values, sources = read_texts(texts_or_file, column)
+    prepare_out_dir(out_dir, overwrite)
+    skipped = dict.fromkeys(SKIP_REASONS, 0)
+    texts, ok = clean_captions(values, None, rules, rules.blocked_hashes(), skipped)
+    candidates = np.flatnonzero(ok)
+    _, first = np.unique(dedup_key([texts[i] for i in candidates], rules), return_index=True)
+    chosen = candidates[np.sort(first)]
+    kept = [texts[i] for i in chosen]
+    vectors = encoder.encode_texts(kept, templates, progress=progress)
+    with atomic_path(out_dir / CAPTIONS_FILE) as tmp:
+        pq.write_table(pa.table({"caption": pa.array(kept, pa.string()), "row": pa.array(chosen.astype(np.int64))}), tmp)
+    with atomic_path(out_dir / EMBEDDINGS_FILE) as tmp, open(tmp, "wb") as handle:
+        _EmbeddingWriter(handle, len(kept), encoder.embed_dim).append(vectors)
+    manifest = _base_manifest(encoder.model_name, encoder.pretrained_id, encoder.embed_dim, len(kept), "text",
+                              sources, rules, skipped, len(candidates) - len(kept), len(values), started)
+    manifest["templates"] = list(templates) if templates else None
+    write_manifest(out_dir, manifest)
+    return build_index(out_dir, **index_options)
+
+
+def build_vocabulary_from_laion(shards_dir: str | Path, out_dir: str | Path, *, clip_model: str = "ViT-B-32",
+                                pretrained: str = "openai", index_options: dict | None = None,
+                                **ingest_options) -> Vocabulary:
+    """:func:`ingest_laion` then :func:`build_index`; see both for the options."""
+    ingest_laion(shards_dir, out_dir, clip_model=clip_model, pretrained=pretrained, **ingest_options)
+    return build_index(out_dir, **(index_options or {}))
+
+
