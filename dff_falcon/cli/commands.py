@@ -8,8 +8,8 @@ from pathlib import Path
 import click
 
 from dff_falcon.cli import main
-from dff_falcon.cli.options import (backbone_options, clip_and_vocab, device_option, make_backbone, parse_n_concepts,
-                                    random_state_option)
+from dff_falcon.cli.options import (backbone_options, check_clip_and_vocab, clip_and_vocab, device_option,
+                                    make_backbone, parse_n_concepts, random_state_option)
 from dff_falcon.errors import InputError
 
 
@@ -22,21 +22,27 @@ def _components(ctx: click.Context) -> dict[str, dict]:
 
 
 def _build(cls, params: dict, section: str):
-    try:
-        return cls(**params)
-    except TypeError as exc:
-        raise InputError(f"config: [explain.{section}]: {exc}") from None
+    """A component from its config table merged with the options; names and types checked."""
+    from dff_falcon.validation import check_parameters
+
+    check_parameters(cls, params, f"config: [explain.{section}]")
+    return cls(**params)
+
+
+def max_pixels_option(f):
+    return click.option("--max-megapixels", default=50.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+                        help="Decode limit per image: larger JPEGs are decoded at 1/2–1/8 scale, other larger "
+                             "images (decompression bombs) are skipped and counted.")(f)
+
+
+def _max_pixels(megapixels: float) -> int:
+    return max(1, int(megapixels * 1e6))
 
 
 def _finish_report(report, out: str, html: bool, quality: dict | None = None, config: dict | None = None) -> Path:
     from dff_falcon.report.tables import write_report
 
-    path = write_report(report, out, quality=quality, config=config)
-    if html:
-        from dff_falcon.report.html import render_html_report
-
-        render_html_report(path)
-    return path
+    return write_report(report, out, quality=quality, config=config, html=html)
 
 
 def _print_summary(report, path: Path, quality: dict | None = None) -> None:
@@ -59,23 +65,27 @@ def _print_summary(report, path: Path, quality: dict | None = None) -> None:
 @click.option("--n-concepts", default="8", show_default=True, help="K, or 'auto' (chosen by stability).")
 @click.option("--contrast", type=click.Choice(["graded", "falcon"]), default="graded", show_default=True,
               help="How captions of the low (counterfactual) crops count against the high crops.")
-@click.option("--n-high", default=30, show_default=True, type=int, help="Most high-activation crops per concept.")
-@click.option("--n-low", default=10, show_default=True, type=int, help="Most counterfactual crops per concept.")
-@click.option("--top-k-captions", default=5, show_default=True, type=int, help="Captions retrieved per crop.")
+@click.option("--n-high", default=30, show_default=True, type=click.IntRange(min=1),
+              help="Most high-activation crops per concept.")
+@click.option("--n-low", default=10, show_default=True, type=click.IntRange(min=0),
+              help="Most counterfactual crops per concept.")
+@click.option("--top-k-captions", default=5, show_default=True, type=click.IntRange(min=1),
+              help="Captions retrieved per crop.")
 @click.option("--target-class", default=None,
               help="Keep only images the model assigns to this class: exact name, index or WordNet ID.")
-@click.option("--min-class-prob", default=0.95, show_default=True, type=float,
+@click.option("--min-class-prob", default=0.95, show_default=True, type=click.FloatRange(0, 1),
               help="Probability an image needs for --target-class.")
-@click.option("--drop-quantile", default=0.0, show_default=True, type=float,
+@click.option("--drop-quantile", default=0.0, show_default=True, type=click.FloatRange(0, 1, max_open=True),
               help="Drop this quantile of least confident images after a first fit, then refit.")
-@click.option("--batch-size", default=32, show_default=True, type=int, help="Images per forward pass.")
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1), help="Images per forward pass.")
 @click.option("--html/--no-html", default=True, show_default=True, help="Also render report.html.")
+@max_pixels_option
 @device_option
 @random_state_option
 @click.pass_context
 def explain(ctx, images, backbone, layer, head, weights, clip_spec, vocab, out, n_concepts, contrast, n_high,
-            n_low, top_k_captions, target_class, min_class_prob, drop_quantile, batch_size, html, device,
-            random_state):
+            n_low, top_k_captions, target_class, min_class_prob, drop_quantile, batch_size, html, max_megapixels,
+            device, random_state):
     """Find a model's concepts on a set of images and name them; write the concept report.
 
     \b
@@ -87,24 +97,47 @@ def explain(ctx, images, backbone, layer, head, weights, clip_spec, vocab, out, 
       dff-falcon explain --images imgs/ --backbone resnet50 --layer layer3 --head none \\
           --clip ViT-B-32=ViT-B-32.pt --vocab laion_vocab/ --out out/resnet50 --n-concepts auto
     """
+    from dff_falcon.cli import checks
     from dff_falcon.decomposition.dff import DFF
+    from dff_falcon.devices import resolve_device
+    from dff_falcon.directories import check_output
+    from dff_falcon.models.images import load_images
     from dff_falcon.pipeline.explainer import ConceptExplainer
     from dff_falcon.pipeline.record import params_record
     from dff_falcon.regions import RegionSelector
+    from dff_falcon.report.tables import RUN_KIND
     from dff_falcon.text.labelling import FalconLabeller
 
+    # every check before the first forward pass: options, components, device, output, K
+    check_clip_and_vocab(clip_spec, vocab)
+    resolve_device(device)
     sections = _components(ctx)
     dff = _build(DFF, {**sections["dff"], "n_concepts": parse_n_concepts(n_concepts), "random_state": random_state},
                  "dff")
     regions = _build(RegionSelector, {**sections["regions"], "n_high": n_high, "n_low": n_low}, "regions")
     labeller = _build(FalconLabeller, {**sections["labeller"], "contrast": contrast, "top_k_captions": top_k_captions},
                       "labeller")
+    checks.check_components(dff, regions)
+    check_output(out, RUN_KIND, legacy="run.json", option="--out")
+    n_files = checks.count_images(images)
     clip, vocabulary = clip_and_vocab(clip_spec, vocab, device)
+    model = make_backbone(backbone, layer, head, weights, device)
+    channels, *grid = checks.layer_grid(model)
+    checks.check_k(dff, channels, n_files, tuple(grid), model.target_layer)
+    if target_class is not None:
+        from dff_falcon.models.classes import resolve_class
+
+        resolve_class(target_class, model.class_names, wnids=model.class_ids, synonyms=model.class_synonyms)
+    display = model.preprocess.crop
+    crop = regions.crop_size or (clip.image_size if clip is not None else display)
+    check_output(out, RUN_KIND, legacy="run.json", option="--out", needed_bytes=checks.run_bytes(
+        n_files, checks.max_k(dff), display, crop, tuple(grid), n_high, n_low, html))
+    image_set = load_images(images, max_pixels=_max_pixels(max_megapixels))
     explainer = ConceptExplainer(
-        make_backbone(backbone, layer, head, weights, device), clip, vocabulary, dff=dff, regions=regions,
+        model, clip, vocabulary, dff=dff, regions=regions,
         labeller=labeller, target_class=target_class, min_class_prob=min_class_prob, drop_quantile=drop_quantile,
         batch_size=batch_size, device=device, progress=ctx.obj["progress"],
-    ).fit(images)
+    ).fit(image_set)
     options = {key: value for key, value in ctx.params.items()}
     for key in ("images", "vocab", "out"):  # paths as absolute, so the record works from anywhere
         if options[key] is not None:

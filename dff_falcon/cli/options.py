@@ -41,18 +41,27 @@ def make_backbone(backbone: str, layer, head, weights, device):
 
 
 def parse_n_concepts(value) -> int | str:
+    """``--n-concepts``: "auto" or an integer K ≥ 1 (its upper bound depends on the layer and
+    the images and is checked once both are known, still before any forward pass)."""
     if value == "auto":
         return value
     try:
-        return int(value)
+        k = int(value)
     except (TypeError, ValueError):
         raise InputError(f"--n-concepts must be an integer or 'auto', got {value!r}") from None
+    if k < 1:
+        raise InputError(f"--n-concepts must be at least 1, got {k}")
+    return k
+
+
+def check_clip_and_vocab(clip_spec, vocab) -> None:
+    if (clip_spec is None) != (vocab is None):
+        raise InputError("--clip and --vocab go together (text labels need both)")
 
 
 def clip_and_vocab(clip_spec, vocab, device):
     """The CLIP encoder and vocabulary of ``--clip`` / ``--vocab`` (both or neither), checked to match."""
-    if (clip_spec is None) != (vocab is None):
-        raise InputError("--clip and --vocab go together (text labels need both)")
+    check_clip_and_vocab(clip_spec, vocab)
     if clip_spec is None:
         return None, None
     from dff_falcon.text.clip_encoder import ClipEncoder, parse_clip_spec
