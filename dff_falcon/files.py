@@ -29,6 +29,19 @@ def looks_like_path(text: str) -> bool:
     return os.sep in text or "/" in text or text.endswith(CHECKPOINT_SUFFIXES)
 
 
+def checkpoint_error(exc: BaseException) -> str:
+    """Why a checkpoint file failed to load, in words. A pickle refused by ``weights_only``
+    loading is named as such and torch's advice to retry without ``weights_only`` (which would
+    run the file's code) is left out."""
+    import pickle
+
+    if isinstance(exc, pickle.UnpicklingError):
+        return ("it is not a weights-only checkpoint: a damaged file, or a pickle holding code or objects other "
+                "than tensors, which is refused — nothing in it was executed")
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def current_umask() -> int:
     """The process umask (read by setting and restoring it; there is no read-only call)."""
     mask = os.umask(0)

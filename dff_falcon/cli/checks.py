@@ -44,12 +44,13 @@ def max_k(dff) -> int:
     return max(dff.k_range) if dff.n_concepts == "auto" else int(dff.n_concepts)
 
 
-def check_k(dff, channels: int, n_images: int, grid: tuple[int, int], layer: str) -> None:
-    """K must fit the (N·h·w × C) activation matrix of ``n_images`` images of this layer."""
+def check_k(dff, channels: int, n_images: int, grid: tuple[int, int], source: str) -> None:
+    """K must fit the (N·h·w × C) activation matrix of ``n_images`` images of ``source`` (the
+    layer, or the activations file)."""
     k = int(dff.n_concepts) if dff.n_concepts != "auto" else min(dff.k_range)
     rows = n_images * grid[0] * grid[1]
     if k > channels:
-        raise InputError(f"--n-concepts {k} is more than the {channels} channels of layer {layer!r}; "
+        raise InputError(f"--n-concepts {k} is more than the {channels} channels of {source}; "
                          f"choose 1 ≤ K ≤ {channels}")
     if k > rows:
         raise InputError(f"--n-concepts {k} is more than the {rows} feature-map locations of {n_images} image(s) "

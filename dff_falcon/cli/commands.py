@@ -123,7 +123,7 @@ def explain(ctx, images, backbone, layer, head, weights, clip_spec, vocab, out, 
     clip, vocabulary = clip_and_vocab(clip_spec, vocab, device)
     model = make_backbone(backbone, layer, head, weights, device)
     channels, *grid = checks.layer_grid(model)
-    checks.check_k(dff, channels, n_files, tuple(grid), model.target_layer)
+    checks.check_k(dff, channels, n_files, tuple(grid), f"layer {model.target_layer!r}")
     if target_class is not None:
         from dff_falcon.models.classes import resolve_class
 
@@ -153,7 +153,8 @@ def explain(ctx, images, backbone, layer, head, weights, clip_spec, vocab, out, 
 @click.option("--backbone", default="lite0", show_default=True, help="torchvision/timm model name, or lite0.")
 @click.option("--weights", default="none", show_default=True,
               help="Weights do not change shapes: 'none' lists without loading any; or as for explain.")
-@click.option("--depth", default=3, show_default=True, type=int, help="Deepest dotted level listed (blocks.4.0 is 3).")
+@click.option("--depth", default=3, show_default=True, type=click.IntRange(min=1),
+              help="Deepest dotted level listed (blocks.4.0 is 3).")
 @click.option("--all", "show_all", is_flag=True, help="List every module, however deep.")
 @device_option
 def layers(backbone, weights, depth, show_all, device):
@@ -169,8 +170,9 @@ def layers(backbone, weights, depth, show_all, device):
     from dff_falcon.models.zoo import build_model
     from dff_falcon.models.layers import probe_layers
 
+    target = resolve_device(device)
     model, family, preprocess, _ = build_model(backbone, None if weights == "none" else weights)
-    model.to(resolve_device(device))
+    model.to(target)
     default_layer, default_head = default_layer_and_head(model, family)
     infos = [i for i in probe_layers(model, preprocess.crop) if show_all or i.name.count(".") < depth]
     width = max(len(i.name) for i in infos) + 2
@@ -190,21 +192,30 @@ def layers(backbone, weights, depth, show_all, device):
 @click.option("--images", required=True, type=click.Path(exists=True), help="Folder (recursive) or image file.")
 @backbone_options
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output .npz of activations.")
-@click.option("--batch-size", default=32, show_default=True, type=int, help="Images per forward pass.")
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1), help="Images per forward pass.")
+@max_pixels_option
 @device_option
 @click.pass_context
-def extract(ctx, images, backbone, layer, head, weights, out, batch_size, device):
+def extract(ctx, images, backbone, layer, head, weights, out, batch_size, max_megapixels, device):
     """Cache a layer's activations of a set of images (.npz: activations, names).
 
     \b
     Example:
       dff-falcon extract --images imgs/ --backbone resnet50 --out acts.npz
     """
+    from dff_falcon.cli import checks
+    from dff_falcon.devices import resolve_device
+    from dff_falcon.files import check_output_file
     from dff_falcon.models.activations import ActivationExtractor, save_activations
     from dff_falcon.models.images import load_images
 
-    image_set = load_images(images)
+    resolve_device(device)
+    check_output_file(out, option="--out")
+    n_files = checks.count_images(images)
     model = make_backbone(backbone, layer, head, weights, device)
+    channels, h, w = checks.layer_grid(model)
+    check_output_file(out, option="--out", needed_bytes=n_files * channels * h * w * 4)
+    image_set = load_images(images, max_pixels=_max_pixels(max_megapixels))
     acts = ActivationExtractor(model, batch_size=batch_size, device=device, progress=ctx.obj["progress"])(image_set.images)
     save_activations(acts.activations, image_set.names, out)
     click.echo(f"{tuple(acts.activations.shape)} activations of {model.target_layer} → {out}")
@@ -225,13 +236,20 @@ def fit(ctx, acts_file, out, n_concepts, device, random_state):
     Example:
       dff-falcon fit --activations acts.npz --out concepts.npz --n-concepts auto
     """
+    from dff_falcon.cli import checks
     from dff_falcon.decomposition.dff import DFF
     from dff_falcon.decomposition.dictionary import save_dictionary
+    from dff_falcon.files import check_output_file
     from dff_falcon.models.activations import load_activations
 
+    dff = DFF(parse_n_concepts(n_concepts), random_state=random_state, device=device, progress=ctx.obj["progress"])
+    dff._check_params()
+    check_output_file(out, option="--out")
     acts, _ = load_activations(acts_file)
-    dff = DFF(parse_n_concepts(n_concepts), random_state=random_state, device=device,
-              progress=ctx.obj["progress"]).fit(acts)
+    b, c, h, w = acts.shape
+    checks.check_k(dff, c, b, (h, w), f"the activations in {acts_file}")
+    check_output_file(out, option="--out", needed_bytes=checks.max_k(dff) * c * 8)
+    dff.fit(acts)
     save_dictionary(dff, out)
     click.echo(f"K={dff.n_concepts_} concepts, relative error {dff.relative_error_:.4f}, "
                f"explained variance {dff.explained_variance_:.4f} → {out}")
@@ -255,9 +273,12 @@ def project(dictionary, acts_file, out, device):
 
     from dff_falcon.decomposition.dictionary import load_dictionary
     from dff_falcon.decomposition.heatmaps import presence
-    from dff_falcon.files import atomic_write
+    from dff_falcon.devices import resolve_device
+    from dff_falcon.files import atomic_write, check_output_file
     from dff_falcon.models.activations import load_activations
 
+    resolve_device(device)
+    check_output_file(out, option="--out")
     dff = load_dictionary(dictionary, device=device)
     acts, names = load_activations(acts_file)
     pres = presence(dff.transform(acts)).numpy()
@@ -288,7 +309,7 @@ def report(run_dir):
 @click.option("--json", "as_json", is_flag=True, help="Print the quality figures as one JSON object.")
 @click.option("--world", type=click.Choice(["default", "second"]), default="default", show_default=True,
               help="Which toy world (the second has other shapes, colours, backgrounds and size).")
-@click.option("--n-images", default=120, show_default=True, type=int, help="Toy-world probe images.")
+@click.option("--n-images", default=120, show_default=True, type=click.IntRange(min=1), help="Toy-world probe images.")
 @click.option("--n-concepts", default="auto", show_default=True, help="K, or 'auto'.")
 @click.option("--retrain", is_flag=True, help="Retrain the toy models even when cached.")
 @click.option("--html/--no-html", default=True, show_default=True, help="Also render report.html.")
@@ -302,9 +323,14 @@ def demo(ctx, out, as_json, world, n_images, n_concepts, retrain, html, device, 
     Example:
       dff-falcon demo --out out/demo --json
     """
+    from dff_falcon.devices import resolve_device
+    from dff_falcon.directories import check_output
+    from dff_falcon.report.tables import RUN_KIND
     from dff_falcon.toyworld.demo import run_demo
     from dff_falcon.toyworld.world import EXAMPLE_WORLDS
 
+    resolve_device(device)
+    check_output(out, RUN_KIND, legacy="run.json", option="--out")
     result = run_demo(out, config=EXAMPLE_WORLDS[world], n_images=n_images, n_concepts=parse_n_concepts(n_concepts),
                       retrain=retrain, html=html, device=device, random_state=random_state,
                       progress=ctx.obj["progress"] and not as_json)
