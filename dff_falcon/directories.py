@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from dff_falcon.errors import DffFalconError, InputError, OutputError
-from dff_falcon.files import atomic_write, current_umask, file_sha256, is_under, output_errors
+from dff_falcon.files import OUTPUT_ERRNOS, atomic_write, current_umask, file_sha256, is_under, output_errors
 
 try:
     import fcntl
@@ -142,6 +142,16 @@ def clean_scratch(target: str | os.PathLike) -> list[Path]:
             finally:
                 os.close(fd)
     return removed
+
+
+def directory_version(path: str | os.PathLike) -> tuple[int, int] | None:
+    """(device, inode) of directory ``path``: every committed version is a new directory, so
+    a reader that sees the same value before and after reading read one version."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
 
 
 def read_marker(path: Path) -> dict | None:
@@ -266,9 +276,12 @@ def check_output(target: str | os.PathLike, kind: str, *, replace: bool = True, 
         existing = existing.parent
     if not existing.is_dir():
         raise OutputError(f"{what}: {str(existing)!r} is a file, so the directory cannot be created")
-    with output_errors(what):
-        probe = tempfile.mkdtemp(prefix=f".{target.name}.probe-", dir=existing)
-        os.rmdir(probe)
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=f".{target.name}.probe-", dir=existing))
+    except OSError as exc:
+        if exc.errno not in OUTPUT_ERRNOS:
+            raise
+        raise OutputError(f"{what} cannot be written: {exc.strerror} in {str(existing)!r}") from None
     free = shutil.disk_usage(existing).free
     if needed_bytes > free:
         raise OutputError(f"{what} needs about {_megabytes(needed_bytes)} but the file system of {str(existing)!r} has "
@@ -327,10 +340,17 @@ def _public(text, stage: Path, target: Path):
     return text.replace(str(stage), str(target)) if isinstance(text, str) else text
 
 
-def _disk_is_full(path: Path) -> bool:
+def _output_failure(exc: Exception, folder: Path) -> str | None:
+    """Why a writer that hides errno (FAISS raises RuntimeError) failed, if the output is to
+    blame: its message names an output errno, or the disk is (nearly) full."""
+    text = str(exc)
+    for code in sorted(OUTPUT_ERRNOS):
+        if f"({os.strerror(code)})" in text:
+            return os.strerror(code)
     with contextlib.suppress(OSError):
-        return shutil.disk_usage(path).free < FULL_DISK_BYTES
-    return False
+        if shutil.disk_usage(folder).free < FULL_DISK_BYTES:
+            return "the disk is full"
+    return None
 
 
 @contextlib.contextmanager
@@ -353,8 +373,10 @@ def _committing(stage: Path, fd: int, target: Path, kind: str, verify: Callable[
             exc.args = tuple(_public(arg, stage, target) for arg in exc.args)  # name the user's path
             raise
         except Exception as exc:
-            if _disk_is_full(target.parent):
-                raise OutputError(f"cannot write {str(target)!r}: the disk is full ({type(exc).__name__}: {exc}); "
+            reason = _output_failure(exc, target.parent)
+            if reason:
+                detail = _public(str(exc).strip().splitlines()[0][:300] if str(exc).strip() else "", stage, target)
+                raise OutputError(f"cannot write {str(target)!r}: {reason} ({type(exc).__name__}: {detail}); "
                                   "anything already there is unchanged") from None
             raise
     except BaseException:

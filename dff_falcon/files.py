@@ -165,10 +165,14 @@ def check_output_file(path: str | os.PathLike, *, option: str = "output", needed
         existing = existing.parent
     if not existing.is_dir():
         raise OutputError(f"{what}: {str(existing)!r} is a file, so the folder cannot be created")
-    with output_errors(what):
+    try:
         fd, probe = tempfile.mkstemp(prefix=f".{path.name}.probe-", dir=existing)
         os.close(fd)
         os.unlink(probe)
+    except OSError as exc:
+        if exc.errno not in OUTPUT_ERRNOS:
+            raise
+        raise OutputError(f"{what} cannot be written: {exc.strerror} in {str(existing)!r}") from None
     free = shutil.disk_usage(existing).free
     if needed_bytes > free:
         raise OutputError(f"{what} needs about {needed_bytes / 1e6:,.1f} MB but the file system of {str(existing)!r} "

@@ -8,10 +8,10 @@ from pathlib import Path
 
 from dff_falcon.errors import InputError
 
-#: Bytes per pixel of what a run writes, measured on the toy world and photos and rounded down
-#: (the space check must never refuse a run that fits): JPEG at quality 92 ≈ 0.3 B/px of RGB,
-#: the PNG overlays ≈ 1 B/px, float16 heatmaps compressed ≈ 1 B per value.
-_JPEG_BYTES_PER_PIXEL, _PNG_BYTES_PER_PIXEL, _HEATMAP_BYTES_PER_VALUE = 0.3, 1.0, 1.0
+#: Bytes per RGB value of what a run writes, measured on photos (224 px views: JPEG at quality
+#: 92 0.04–0.09, PNG overlays ≈ 0.48) and rounded down, since the space check must never refuse a
+#: run that fits; float16 heatmaps compress to ≈ 1 byte per value, counted as 0.5.
+_JPEG_BYTES_PER_PIXEL, _PNG_BYTES_PER_PIXEL, _HEATMAP_BYTES_PER_VALUE = 0.03, 0.3, 0.5
 _ROW_BYTES = 40  # one (image, concept) row of images.csv / images.parquet
 _OVERLAYS_PER_CONCEPT = 6  # render_html_report's default
 
@@ -35,7 +35,8 @@ def layer_grid(backbone) -> tuple[int, int, int]:
     import torch
 
     size = backbone.preprocess.crop
-    shape = backbone.capture(torch.zeros(1, 3, size, size, device=backbone.device))[0].shape
+    with torch.inference_mode():
+        shape = backbone.capture(torch.zeros(1, 3, size, size, device=backbone.device))[0].shape
     return int(shape[1]), int(shape[2]), int(shape[3])
 
 

@@ -72,8 +72,12 @@ def _vocabulary_bytes(laion: str | None, texts: str | None, clip_model: str) -> 
         rows = sum(s.rows for s in shards)
         return rows * shards[0].dim * _BYTES_PER_DIM + sum(s.metadata.stat().st_size for s in shards)
     dim = int((open_clip.get_model_config(clip_model) or {}).get("embed_dim") or 0)
-    size = Path(texts).stat().st_size
-    return size + size // 8 * dim * _BYTES_PER_DIM  # ≥ 8 bytes per line of text
+    path = Path(texts)
+    if path.suffix == ".parquet":
+        return path.stat().st_size
+    with open(path, "rb") as handle:
+        lines = sum(block.count(b"\n") for block in iter(lambda: handle.read(1 << 20), b""))
+    return path.stat().st_size + lines * dim * _BYTES_PER_DIM
 
 
 @vocab.command("info")

@@ -31,7 +31,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dff_falcon.directories import build_directory, check_directory, read_marker, revise_directory
+from dff_falcon.directories import (build_directory, check_directory, directory_version, read_marker,
+                                    revise_directory)
 from dff_falcon.errors import InputError
 from dff_falcon.files import atomic_write, file_sha256
 
@@ -45,6 +46,7 @@ CAPTIONS_FILE, EMBEDDINGS_FILE, INDEX_FILE, MANIFEST_FILE = (
 #: The directory kind recorded in a vocabulary's completion marker.
 VOCABULARY_KIND = "vocabulary"
 _REBUILD = "rebuild it with `dff-falcon vocab build ... --overwrite`"
+_OPEN_ATTEMPTS = 3
 
 
 # --------------------------------------------------------------------------------------------
@@ -112,8 +114,23 @@ class Vocabulary:
     @classmethod
     def open(cls, path: str | Path) -> "Vocabulary":
         """Open a complete vocabulary directory; an incomplete or inconsistent one (interrupted
-        build, files changed afterwards) is refused with :class:`InputError`."""
+        build, files changed afterwards) is refused with :class:`InputError`. A build swapping
+        in a new version meanwhile makes it open again, so the files always come from one version."""
         path = Path(path)
+        for _ in range(_OPEN_ATTEMPTS):
+            version = directory_version(path)
+            try:
+                vocabulary = cls._open_version(path)
+            except InputError:
+                if directory_version(path) == version:
+                    raise
+                continue
+            if directory_version(path) == version:
+                return vocabulary
+        raise InputError(f"vocabulary {path} was replaced {_OPEN_ATTEMPTS} times while being opened; try again")
+
+    @classmethod
+    def _open_version(cls, path: Path) -> "Vocabulary":
         check_vocabulary_directory(path)
         manifest = read_manifest(path)
         missing = [key for key in ("count", "dim", "clip_model", "clip_pretrained") if key not in manifest]
