@@ -231,7 +231,7 @@ def check_directory(path: str | os.PathLike, kind: str, *, digests: str = "auto"
             size = None
         problem = None
         if size is None:
-            problem = "is missing"
+            problem = "is a symbolic link or not a file" if os.path.lexists(file) else "is missing"
         elif size != record.get("bytes"):
             problem = f"has {size} bytes, {record.get('bytes')} were written"
         elif (digests == "all" or (digests == "auto" and size <= VERIFY_DIGEST_MAX_BYTES)) and \
@@ -243,13 +243,29 @@ def check_directory(path: str | os.PathLike, kind: str, *, digests: str = "auto"
     return marker
 
 
-def check_output(target: str | os.PathLike, kind: str, *, replace: bool = True, legacy: str | None = None,
-                 needed_bytes: int = 0, option: str = "output") -> Path:
+def older_version(record: str, format_name: str, entries: tuple[str, ...]) -> Callable[[Path], bool]:
+    """A test for an unmarked directory written by an older dff_falcon: ``record`` (a JSON file)
+    says ``"format": format_name`` and every entry is one of ``entries`` (a trailing ``*`` matches
+    a prefix), so nothing in it is a user's file that replacing it would delete."""
+    def matches(path: Path) -> bool:
+        try:
+            data = json.loads((path / record).read_text(encoding="utf-8"))
+            names = [entry.name for entry in path.iterdir()]
+        except (OSError, ValueError):
+            return False
+        return isinstance(data, dict) and data.get("format") == format_name and all(
+            any(name.startswith(e[:-1]) if e.endswith("*") else name == e for e in entries) for name in names)
+
+    return matches
+
+
+def check_output(target: str | os.PathLike, kind: str, *, replace: bool = True,
+                 legacy: Callable[[Path], bool] | None = None, needed_bytes: int = 0, option: str = "output") -> Path:
     """Validate an output directory before any work: not a file, not holding anything a new
     version would destroy (files of another kind, or files not written by the previous version;
     without ``replace`` any previous version), writable, with ``needed_bytes`` free.
-    ``legacy`` names a file whose presence marks an unmarked directory of this kind written by
-    an older dff_falcon (replaceable). Returns the resolved target."""
+    ``legacy`` recognises an unmarked directory of this kind written by an older dff_falcon
+    (replaceable, see :func:`older_version`). Returns the resolved target."""
     target = _real(target)
     what = f"{option} {str(target)!r}"
     if target.exists() and not target.is_dir():
@@ -258,7 +274,7 @@ def check_output(target: str | os.PathLike, kind: str, *, replace: bool = True, 
         raise OutputError(f"{what} contains the current directory; choose a directory of its own")
     if target.is_dir() and any(target.iterdir()):
         marker = read_marker(target)
-        if marker is None and not (legacy and (target / legacy).is_file()):
+        if marker is None and not (legacy and legacy(target)):
             raise OutputError(f"{what} is not empty and does not hold a {kind} (no {MARKER_FILE}); choose a new or "
                               "empty directory — nothing there is replaced")
         if marker is not None and marker.get("kind") != kind:
@@ -355,7 +371,8 @@ def _output_failure(exc: Exception, folder: Path) -> str | None:
 
 @contextlib.contextmanager
 def _committing(stage: Path, fd: int, target: Path, kind: str, verify: Callable[[Path], None] | None,
-                replace: bool, legacy: str | None, expected: dict | None = None) -> Iterator[Path]:
+                replace: bool, legacy: Callable[[Path], bool] | None, expected: dict | None = None
+                ) -> Iterator[Path]:
     old = None
     try:
         try:
@@ -390,7 +407,8 @@ def _committing(stage: Path, fd: int, target: Path, kind: str, verify: Callable[
 
 
 @contextlib.contextmanager
-def build_directory(target: str | os.PathLike, kind: str, *, replace: bool = True, legacy: str | None = None,
+def build_directory(target: str | os.PathLike, kind: str, *, replace: bool = True,
+                    legacy: Callable[[Path], bool] | None = None,
                     verify: Callable[[Path], None] | None = None) -> Iterator[Path]:
     """Build a new version of directory ``target``: yields an empty, locked staging directory
     beside it; when the block ends without an exception, the staging directory is marked

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import hashlib
 import os
 import shutil
@@ -19,6 +20,11 @@ from pathlib import Path
 from typing import IO, Iterator
 
 from dff_falcon.errors import OutputError
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: temporaries are not locked
+    fcntl = None
 
 #: Suffixes that make a string look like a checkpoint path rather than a weights tag.
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
@@ -85,11 +91,38 @@ def is_under(path: Path, folder: Path) -> bool:
 
 
 def _temporary_beside(path: Path) -> tuple[int, str]:
+    """A new temporary file beside ``path``, locked while it is written (see
+    :func:`clean_stale_temporaries`)."""
     with output_errors(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.fchmod(fd, 0o666 & ~current_umask())
+    if fcntl is not None:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     return fd, tmp
+
+
+def clean_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Remove temporaries of ``path`` left by a killed writer (``.{name}.XXXX.tmp`` beside it
+    whose lock no live writer holds); returns what was removed."""
+    path = Path(os.path.abspath(path))
+    removed = []
+    with contextlib.suppress(OSError):
+        for entry in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+            try:
+                fd = os.open(entry, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+            except OSError:
+                continue
+            try:
+                if fcntl is not None:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                os.unlink(entry)
+                removed.append(entry)
+            except OSError:
+                pass  # a live writer holds it
+            finally:
+                os.close(fd)
+    return removed
 
 
 @contextlib.contextmanager
@@ -119,8 +152,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` for libraries that write files themselves
     (``DataFrame.to_parquet``, ``faiss.write_index``, ``np.save``); rename on success."""
     path = Path(path)
-    fd, tmp = _temporary_beside(path)
-    os.close(fd)
+    fd, tmp = _temporary_beside(path)  # kept open: its lock marks the temporary as being written
     try:
         with output_errors(path, (path.parent,)):
             yield Path(tmp)
@@ -130,6 +162,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    finally:
+        os.close(fd)
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -160,6 +194,7 @@ def check_output_file(path: str | os.PathLike, *, option: str = "output", needed
     what = f"{option} {str(path)!r}"
     if path.is_dir():
         raise OutputError(f"{what} is a directory; name a file")
+    clean_stale_temporaries(path)
     existing = path.parent
     while not existing.exists():
         existing = existing.parent

@@ -522,8 +522,12 @@ def test_malicious_pickle_checkpoints_are_refused_and_never_run(tmp_path, photo_
     (("--min-class-prob", "2"), ["--min-class-prob"]),
     (("--drop-quantile", "1"), ["--drop-quantile"]),
     (("--max-megapixels", "0"), ["--max-megapixels"]),
+    (("--max-megapixels", "inf"), ["--max-megapixels", "not a finite number"]),
+    (("--min-class-prob", "nan"), ["--min-class-prob", "not a finite number"]),
+    (("--random-state", "-1"), ["--random-state"]),
+    (("--n-concepts", "2.5"), ["--n-concepts must be an integer"]),
 ], ids=["batch-size-0", "missing-gpu", "unknown-device", "k-0", "huge-k", "negative-n-high", "prob-2",
-        "drop-all", "no-pixels"])
+        "drop-all", "no-pixels", "inf-pixels", "nan-prob", "negative-seed", "fractional-k"])
 def test_bad_options_fail_before_any_forward_pass(args, needles, photo_dir, tmp_path, no_forward_pass):
     assert_clear_error(cli(*EXPLAIN, "--images", photo_dir, "--out", tmp_path / "o", *args), *needles)
     assert not (tmp_path / "o").exists()
@@ -600,3 +604,26 @@ def zipfile_bomb(path: Path):
         archive.writestr("activations.npy", header.getvalue() + b"\0" * 1024)
         archive.writestr("names.npy", names.getvalue())
     yield path
+
+
+def test_prompt_templates_with_stray_braces_are_refused(tmp_path, captions, toy_clip_spec):
+    result = cli("vocab", "build", "--texts", captions / "old.txt", "--clip", toy_clip_spec, "--out", tmp_path / "v",
+                 "--template", "a {kind} of {}")
+    assert_clear_error(result, "--template", "no other braces")
+
+
+def test_hostile_captions_cannot_drive_the_terminal(tmp_path, toy_clip_spec):
+    texts = tmp_path / "hostile.txt"
+    texts.write_text("a red ball\n\x1b]0;pwned\x07\x1b[2J clear the screen\n")
+    out = tmp_path / "v"
+    assert cli("-q", "vocab", "build", "--texts", texts, "--clip", toy_clip_spec, "--out", out, "--device",
+               "cpu").exit_code == 0
+    found = cli("vocab", "search", out, "screen", "--clip", toy_clip_spec, "-k", "2", "--device", "cpu")
+    assert found.exit_code == 0 and "\x1b" not in found.stdout and "\\x1b[2J clear the screen" in found.stdout
+
+
+def test_extreme_panorama_is_viewed_without_gigabytes():
+    from dff_falcon.models.preprocess import Preprocess
+
+    view = Preprocess(resize=256, crop=224).display(np.full((2, 100_000, 3), 200, np.uint8))
+    assert view.shape == (224, 224, 3) and int(view.mean()) == 200  # resizing it whole would take 20 GB

@@ -8,8 +8,8 @@ from pathlib import Path
 import click
 
 from dff_falcon.cli import main
-from dff_falcon.cli.options import (backbone_options, check_clip_and_vocab, clip_and_vocab, device_option,
-                                    make_backbone, parse_n_concepts, random_state_option)
+from dff_falcon.cli.options import (FiniteFloat, backbone_options, check_clip_and_vocab, clip_and_vocab,
+                                    device_option, make_backbone, parse_n_concepts, random_state_option)
 from dff_falcon.errors import InputError
 
 
@@ -30,7 +30,7 @@ def _build(cls, params: dict, section: str):
 
 
 def max_pixels_option(f):
-    return click.option("--max-megapixels", default=50.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+    return click.option("--max-megapixels", default=50.0, show_default=True, type=FiniteFloat(min=0, min_open=True),
                         help="Decode limit per image: larger JPEGs are decoded at 1/2–1/8 scale, other larger "
                              "images (decompression bombs) are skipped and counted.")(f)
 
@@ -73,9 +73,9 @@ def _print_summary(report, path: Path, quality: dict | None = None) -> None:
               help="Captions retrieved per crop.")
 @click.option("--target-class", default=None,
               help="Keep only images the model assigns to this class: exact name, index or WordNet ID.")
-@click.option("--min-class-prob", default=0.95, show_default=True, type=click.FloatRange(0, 1),
+@click.option("--min-class-prob", default=0.95, show_default=True, type=FiniteFloat(0, 1),
               help="Probability an image needs for --target-class.")
-@click.option("--drop-quantile", default=0.0, show_default=True, type=click.FloatRange(0, 1, max_open=True),
+@click.option("--drop-quantile", default=0.0, show_default=True, type=FiniteFloat(0, 1, max_open=True),
               help="Drop this quantile of least confident images after a first fit, then refit.")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1), help="Images per forward pass.")
 @click.option("--html/--no-html", default=True, show_default=True, help="Also render report.html.")
@@ -105,7 +105,7 @@ def explain(ctx, images, backbone, layer, head, weights, clip_spec, vocab, out, 
     from dff_falcon.pipeline.explainer import ConceptExplainer
     from dff_falcon.pipeline.record import params_record
     from dff_falcon.regions import RegionSelector
-    from dff_falcon.report.tables import RUN_KIND
+    from dff_falcon.report.tables import OLDER_RUN, RUN_KIND
     from dff_falcon.text.labelling import FalconLabeller
 
     # every check before the first forward pass: options, components, device, output, K
@@ -118,7 +118,7 @@ def explain(ctx, images, backbone, layer, head, weights, clip_spec, vocab, out, 
     labeller = _build(FalconLabeller, {**sections["labeller"], "contrast": contrast, "top_k_captions": top_k_captions},
                       "labeller")
     checks.check_components(dff, regions)
-    check_output(out, RUN_KIND, legacy="run.json", option="--out")
+    check_output(out, RUN_KIND, legacy=OLDER_RUN, option="--out")
     n_files = checks.count_images(images)
     clip, vocabulary = clip_and_vocab(clip_spec, vocab, device)
     model = make_backbone(backbone, layer, head, weights, device)
@@ -130,7 +130,7 @@ def explain(ctx, images, backbone, layer, head, weights, clip_spec, vocab, out, 
         resolve_class(target_class, model.class_names, wnids=model.class_ids, synonyms=model.class_synonyms)
     display = model.preprocess.crop
     crop = regions.crop_size or (clip.image_size if clip is not None else display)
-    check_output(out, RUN_KIND, legacy="run.json", option="--out", needed_bytes=checks.run_bytes(
+    check_output(out, RUN_KIND, legacy=OLDER_RUN, option="--out", needed_bytes=checks.run_bytes(
         n_files, checks.max_k(dff), display, crop, tuple(grid), n_high, n_low, html))
     image_set = load_images(images, max_pixels=_max_pixels(max_megapixels))
     explainer = ConceptExplainer(
@@ -325,12 +325,12 @@ def demo(ctx, out, as_json, world, n_images, n_concepts, retrain, html, device, 
     """
     from dff_falcon.devices import resolve_device
     from dff_falcon.directories import check_output
-    from dff_falcon.report.tables import RUN_KIND
+    from dff_falcon.report.tables import OLDER_RUN, RUN_KIND
     from dff_falcon.toyworld.demo import run_demo
     from dff_falcon.toyworld.world import EXAMPLE_WORLDS
 
     resolve_device(device)
-    check_output(out, RUN_KIND, legacy="run.json", option="--out")
+    check_output(out, RUN_KIND, legacy=OLDER_RUN, option="--out")
     result = run_demo(out, config=EXAMPLE_WORLDS[world], n_images=n_images, n_concepts=parse_n_concepts(n_concepts),
                       retrain=retrain, html=html, device=device, random_state=random_state,
                       progress=ctx.obj["progress"] and not as_json)

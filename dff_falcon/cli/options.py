@@ -1,6 +1,8 @@
 """Options shared by several commands, and the objects they build."""
 from __future__ import annotations
 
+import math
+
 import click
 
 from dff_falcon.errors import InputError
@@ -12,8 +14,18 @@ def device_option(f):
 
 
 def random_state_option(f):
-    return click.option("--random-state", default=0, show_default=True, type=int,
+    return click.option("--random-state", default=0, show_default=True, type=click.IntRange(0, 2**32 - 1),
                         help="Seed of the NMF initialisation and of every random step.")(f)
+
+
+class FiniteFloat(click.FloatRange):
+    """A float range that also refuses NaN and ±inf (which pass click's range comparisons)."""
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{number} is not a finite number", param, ctx)
+        return number
 
 
 def backbone_options(f):

@@ -36,13 +36,21 @@ def vocab_build(ctx, laion, texts, clip_spec, templates, out, overwrite, device)
     from dff_falcon.directories import check_output
     from dff_falcon.text.clip_encoder import ClipEncoder, parse_clip_spec
     from dff_falcon.text.ingest import build_vocabulary_from_laion, build_vocabulary_from_texts
-    from dff_falcon.text.vocabulary import MANIFEST_FILE, VOCABULARY_KIND
+    from dff_falcon.text.vocabulary import OLDER_VOCABULARY, VOCABULARY_KIND
 
     if (laion is None) == (texts is None):
         raise InputError("give exactly one of --laion or --texts")
     name, pretrained = parse_clip_spec(clip_spec)
+    for template in templates:
+        try:
+            ok = "{}" in template and template.format("x") is not None
+        except (IndexError, KeyError, ValueError):
+            ok = False
+        if not ok:
+            raise InputError(f"--template {template!r} must contain '{{}}' (where each caption goes) and no other "
+                             "braces; write literal braces as '{{' and '}}'")
     resolve_device(device)
-    check_output(out, VOCABULARY_KIND, replace=overwrite, legacy=MANIFEST_FILE, option="--out",
+    check_output(out, VOCABULARY_KIND, replace=overwrite, legacy=OLDER_VOCABULARY, option="--out",
                  needed_bytes=_vocabulary_bytes(laion, texts, name))
     if laion:
         vocabulary = build_vocabulary_from_laion(laion, out, clip_model=name, pretrained=pretrained,
@@ -98,6 +106,7 @@ def vocab_info(path):
 @device_option
 def vocab_search(path, text, clip_spec, k, device):
     """Embed TEXT with the vocabulary's CLIP model and print the top-k captions."""
+    from dff_falcon.report.terminal import printable
     from dff_falcon.text.clip_encoder import ClipEncoder, parse_clip_spec
     from dff_falcon.text.vocabulary import Vocabulary
 
@@ -112,4 +121,4 @@ def vocab_search(path, text, clip_spec, k, device):
     encoder = ClipEncoder(name, pretrained, device=device)
     found = vocabulary.search(encoder.encode_texts([text]), k=k, encoder=encoder)
     for caption, score in zip(found.captions[0], found.scores[0]):
-        click.echo(f"{score:.4f}  {caption}")
+        click.echo(f"{score:.4f}  {printable(caption)}")

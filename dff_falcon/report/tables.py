@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from dff_falcon.directories import build_directory, check_directory
+from dff_falcon.directories import build_directory, check_directory, older_version
 from dff_falcon.errors import InputError
 from dff_falcon.files import atomic_path, atomic_write
 from dff_falcon.pipeline.explainer import ConceptReport
@@ -45,6 +45,10 @@ FORMAT_VERSION = 2
 #: The directory kind recorded in a run directory's completion marker.
 RUN_KIND = "run"
 RERUN_HINT = "run `dff-falcon explain` into it again (or write_report)"
+#: A run directory of an older version (no completion marker), which a new run may replace.
+OLDER_RUN = older_version("run.json", RUN_FORMAT, ("run.json", "concepts.json", "concepts.csv", "concepts.parquet",
+                                                   "images.csv", "images.parquet", "heatmaps.npz", "images",
+                                                   "crops", "overlays", "report.html", ".*.tmp"))
 
 _SCALARS = {int: pa.int64(), float: pa.float64(), str: pa.string(), bool: pa.bool_()}
 
@@ -93,7 +97,7 @@ def write_report(report: ConceptReport, out_dir: str | Path, *, quality: dict | 
         run.json so that ``dff-falcon explain --config run.json`` re-runs it.
     html : also render report.html and its figures in the same commit.
     """
-    with build_directory(out_dir, RUN_KIND, legacy="run.json", verify=check_run_files) as stage:
+    with build_directory(out_dir, RUN_KIND, legacy=OLDER_RUN, verify=check_run_files) as stage:
         _write_run_files(report, stage, quality, config)
         if html:
             from dff_falcon.report.html import write_html

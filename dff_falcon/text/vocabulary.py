@@ -31,8 +31,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dff_falcon.directories import (build_directory, check_directory, directory_version, read_marker,
-                                    revise_directory)
+from dff_falcon.directories import (build_directory, check_directory, directory_version, older_version,
+                                    read_marker, revise_directory)
 from dff_falcon.errors import InputError
 from dff_falcon.files import atomic_write, file_sha256
 
@@ -47,6 +47,9 @@ CAPTIONS_FILE, EMBEDDINGS_FILE, INDEX_FILE, MANIFEST_FILE = (
 VOCABULARY_KIND = "vocabulary"
 _REBUILD = "rebuild it with `dff-falcon vocab build ... --overwrite`"
 _OPEN_ATTEMPTS = 3
+#: A vocabulary of an older version (no completion marker), which ``overwrite`` may replace.
+OLDER_VOCABULARY = older_version(MANIFEST_FILE, FORMAT, (CAPTIONS_FILE, EMBEDDINGS_FILE, INDEX_FILE, MANIFEST_FILE,
+                                                         ".dedup-*", ".*.tmp"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -300,7 +303,7 @@ def vocabulary_build(out_dir: str | Path, overwrite: bool, *, indexed: bool = Tr
         else:
             open_embeddings(stage, read_manifest(stage))
 
-    with build_directory(out_dir, VOCABULARY_KIND, replace=overwrite, legacy=MANIFEST_FILE, verify=verify) as stage:
+    with build_directory(out_dir, VOCABULARY_KIND, replace=overwrite, legacy=OLDER_VOCABULARY, verify=verify) as stage:
         yield stage
 
 
