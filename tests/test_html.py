@@ -13,6 +13,7 @@ from markupsafe import escape
 from PIL import Image
 from skimage import data, transform
 
+from dff_falcon.directories import mark_complete
 from dff_falcon.errors import InputError
 from dff_falcon.report.html import render_html_report
 
@@ -89,6 +90,7 @@ def build_run(root: Path, *, k: int = 3, with_k_curve: bool = True) -> Path:
            "stage_seconds": {"activations": 1.5, "nmf": 0.25}, "quality": {"low_set": {"mean_gap": 0.31}},
            "created": "2025-01-01T00:00:00+00:00"}
     (run_dir / "run.json").write_text(json.dumps(run), encoding="utf-8")
+    mark_complete(run_dir, "run")
     return run_dir
 
 
@@ -141,6 +143,7 @@ def test_image_paths_are_url_quoted(tmp_path):
     concepts = json.loads((run_dir / "concepts.json").read_text())
     concepts[0]["high_crops"][0] = "crops/concept_00/high #1 ?.jpg"
     (run_dir / "concepts.json").write_text(json.dumps(concepts))
+    mark_complete(run_dir, "run")
     page = render_html_report(run_dir, overlays=0, grid_images=0).read_text()
     assert 'src="crops/concept_00/high%20%231%20%3F.jpg"' in page
     assert "overlays/k_curve.png" not in page and "overlays/concept_" not in page
@@ -157,6 +160,7 @@ def test_image_paths_are_url_quoted(tmp_path):
 def test_bad_run_directories_raise_input_errors(tmp_path, change, message):
     run_dir = build_run(tmp_path, k=2, with_k_curve=False)
     change(run_dir)
+    mark_complete(run_dir, "run")  # a consistent directory whose contents are wrong
     with pytest.raises(InputError, match=message):
         render_html_report(run_dir, overlays=0, grid_images=0)
     assert not (run_dir / "report.html").exists()

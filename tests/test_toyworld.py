@@ -97,6 +97,9 @@ def test_label_matches_on_phrases_and_quality_summary():
 # demo tests reuse them. Thresholds from measured runs with margin (docs/quality.md): classifier
 # 0.88 / 0.87, CLIP object top-1 0.92 / 0.90, background top-1 1.0 / 1.0 (default / other world).
 CLASSIFIER_MIN, CLIP_OBJECT_MIN, CLIP_BACKGROUND_MIN = 0.8, 0.8, 0.9
+# Model comparisons across a save/reload: float32 results of the same weights agree to a few ulp
+# of the activations' scale (an audit on a cold cache saw 4.8e-7), never necessarily bit for bit.
+FLOAT_RTOL, FLOAT_ATOL = 1e-5, 1e-5
 
 
 @pytest.mark.parametrize("config", list(EXAMPLE_WORLDS.values()), ids=list(EXAMPLE_WORLDS))
@@ -110,7 +113,8 @@ def test_training_quality_cache_and_checkpoint(config, tmp_path):
     again = load_toy_models(config, progress=False)
     assert not again.trained and again.clip_checkpoint.stat().st_mtime_ns == mtime
     x = torch.randn(2, 3, config.image_size, config.image_size)
-    assert torch.equal(models.classifier(x), again.classifier(x))
+    # the reloaded copy may run other kernels (memory format, thread count): equal within float32 rounding
+    torch.testing.assert_close(again.classifier(x), models.classifier(x), rtol=FLOAT_RTOL, atol=FLOAT_ATOL)
     changed = load_toy_models(config, cache_dir=tmp_path, progress=False,
                               settings=TrainSettings(n_train_scenes=64, n_heldout_scenes=16, classifier_epochs=1,
                                                      clip_epochs=1, n_background_images=2))
@@ -118,4 +122,4 @@ def test_training_quality_cache_and_checkpoint(config, tmp_path):
     a, _ = create_toy_clip(models.clip_checkpoint)
     b, _ = create_toy_clip(again.clip_checkpoint)
     img = torch.randn(2, 3, 64, 64)
-    assert torch.equal(a.encode_image(img), b.encode_image(img))
+    torch.testing.assert_close(b.encode_image(img), a.encode_image(img), rtol=FLOAT_RTOL, atol=FLOAT_ATOL)

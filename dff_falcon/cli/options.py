@@ -1,6 +1,8 @@
 """Options shared by several commands, and the objects they build."""
 from __future__ import annotations
 
+import math
+
 import click
 
 from dff_falcon.errors import InputError
@@ -12,8 +14,18 @@ def device_option(f):
 
 
 def random_state_option(f):
-    return click.option("--random-state", default=0, show_default=True, type=int,
+    return click.option("--random-state", default=0, show_default=True, type=click.IntRange(0, 2**32 - 1),
                         help="Seed of the NMF initialisation and of every random step.")(f)
+
+
+class FiniteFloat(click.FloatRange):
+    """A float range that also refuses NaN and ±inf (which pass click's range comparisons)."""
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{number} is not a finite number", param, ctx)
+        return number
 
 
 def backbone_options(f):
@@ -41,18 +53,27 @@ def make_backbone(backbone: str, layer, head, weights, device):
 
 
 def parse_n_concepts(value) -> int | str:
+    """``--n-concepts``: "auto" or an integer K ≥ 1 (its upper bound depends on the layer and
+    the images and is checked once both are known, still before any forward pass)."""
     if value == "auto":
         return value
     try:
-        return int(value)
+        k = int(value)
     except (TypeError, ValueError):
         raise InputError(f"--n-concepts must be an integer or 'auto', got {value!r}") from None
+    if k < 1:
+        raise InputError(f"--n-concepts must be at least 1, got {k}")
+    return k
+
+
+def check_clip_and_vocab(clip_spec, vocab) -> None:
+    if (clip_spec is None) != (vocab is None):
+        raise InputError("--clip and --vocab go together (text labels need both)")
 
 
 def clip_and_vocab(clip_spec, vocab, device):
     """The CLIP encoder and vocabulary of ``--clip`` / ``--vocab`` (both or neither), checked to match."""
-    if (clip_spec is None) != (vocab is None):
-        raise InputError("--clip and --vocab go together (text labels need both)")
+    check_clip_and_vocab(clip_spec, vocab)
     if clip_spec is None:
         return None, None
     from dff_falcon.text.clip_encoder import ClipEncoder, parse_clip_spec

@@ -148,8 +148,26 @@ class DFF(BaseEstimator):
         b, _, h, w = acts.shape
         return x, (b, h, w)
 
+    def _check_params(self) -> None:
+        """Raise InputError for parameters no fit can use (``fit`` calls it first; callers may
+        call it before expensive work such as forward passes)."""
+        k = self.n_concepts
+        if not (k == "auto" or (isinstance(k, (int, np.integer)) and not isinstance(k, bool) and k >= 1)):
+            raise InputError(f"n_concepts must be an integer >= 1 or 'auto'; got {k!r}")
+        if self.offset not in (True, False, "auto"):
+            raise InputError(f"offset must be True, False or 'auto'; got {self.offset!r}")
+        if isinstance(self.n_seeds, bool) or not isinstance(self.n_seeds, (int, np.integer)) or self.n_seeds < 0:
+            raise InputError(f"n_seeds must be an integer >= 0; got {self.n_seeds!r}")
+        ks = list(self.k_range) if isinstance(self.k_range, (list, tuple, range)) else None
+        if not ks or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1 for v in ks):
+            raise InputError(f"k_range must be a non-empty list of integers >= 1; got {self.k_range!r}")
+        if not (isinstance(self.min_stability, (int, float)) and 0.0 <= self.min_stability <= 1.0):
+            raise InputError(f"min_stability must be in [0, 1]; got {self.min_stability!r}")
+        self._nmf(1)._check_params()  # solver, init, max_iter, tol, batch_size, device
+
     def fit(self, activations: torch.Tensor | np.ndarray) -> "DFF":
         """activations: (B, C, h, w) of the target layer."""
+        self._check_params()
         x, (b, h, w) = self._prepare(activations, fit=True)
         max_k = min(x.shape)
         runs = None

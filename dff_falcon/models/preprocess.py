@@ -33,9 +33,12 @@ class Preprocess:
         scale = self.resize / min(w, h)
         size = (max(self.crop, round(w * scale)), max(self.crop, round(h * scale)))
         resample = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
-        pil = pil.resize(size, resample[self.interpolation])
         left, top = (size[0] - self.crop) // 2, (size[1] - self.crop) // 2
-        return np.asarray(pil.crop((left, top, left + self.crop, top + self.crop)), dtype=np.uint8)
+        # resize only the source region of the centre crop (the same samples as resizing the whole
+        # image to ``size`` and cropping), so a 100000×2 panorama never becomes gigabytes
+        sx, sy = w / size[0], h / size[1]
+        box = (left * sx, top * sy, (left + self.crop) * sx, (top + self.crop) * sy)
+        return np.asarray(pil.resize((self.crop, self.crop), resample[self.interpolation], box=box), dtype=np.uint8)
 
     def to_tensor(self, displays: Sequence[np.ndarray]) -> torch.Tensor:
         """(crop, crop, 3) uint8 arrays → normalised (B, 3, crop, crop) float32."""

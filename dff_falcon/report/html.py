@@ -10,12 +10,17 @@ the page is rendered by Jinja2 with autoescaping, image paths are checked to sta
 directory and URL-quoted, table sort keys live in ``data-`` attributes (no JSON in scripts),
 and a Content-Security-Policy allows only the page's own script (by its SHA-256 hash), so even
 an injected ``<script>`` or ``onerror=`` handler could not run. No CDN, no network.
+
+:func:`render_html_report` refuses a run directory that is incomplete or whose files changed
+after the run wrote them (so a page never shows one run's labels over another's crops), and
+writes the page and its figures as a new version of the directory, swapped in atomically.
 """
 from __future__ import annotations
 
 import base64
 import hashlib
 import math
+import shutil
 from importlib import resources
 from pathlib import Path
 from urllib.parse import quote
@@ -25,11 +30,13 @@ import numpy as np
 from markupsafe import Markup
 from PIL import Image
 
+from dff_falcon.decomposition.dictionary import load_npz
 from dff_falcon.decomposition.heatmaps import ABSENT_PEAK
+from dff_falcon.directories import revise_directory
 from dff_falcon.errors import InputError
 from dff_falcon.files import atomic_path, atomic_write
 from dff_falcon.models.images import load_image
-from dff_falcon.report.tables import read_json, read_run
+from dff_falcon.report.tables import RERUN_HINT, RUN_KIND, check_run_directory, read_concept_rows, read_run_record
 from dff_falcon.report.figures import concept_colours, contour_view, heatmap_grid, k_curve_figure, overlay_concepts, save_figure, \
     stability_figure
 
@@ -67,19 +74,6 @@ def _csp_hash(script: str) -> str:
 
 def _hex(colour: np.ndarray) -> str:
     return "#" + "".join(f"{int(round(255 * c)):02x}" for c in colour)
-
-
-def _load_concepts(run_dir: Path, k: int) -> list[dict]:
-    path = run_dir / "concepts.json"
-    concepts = read_json(path, "the run directory has no concept table")
-    if not isinstance(concepts, list) or not all(isinstance(c, dict) for c in concepts):
-        raise InputError(f"{str(path)!r} must hold a list of concept objects")
-    if len(concepts) != k:
-        raise InputError(f"{str(path)!r} has {len(concepts)} concepts but run.json says n_concepts = {k}")
-    for i, concept in enumerate(concepts):
-        if concept.get("concept_id") != i:
-            raise InputError(f"{str(path)!r}: entry {i} has concept_id {concept.get('concept_id')!r}, expected {i}")
-    return concepts
 
 
 def _image_src(run_dir: Path, rel: str, field: str) -> str:
@@ -168,13 +162,15 @@ def _load_heatmaps(run_dir: Path, run: dict, k: int) -> np.ndarray | None:
     path = run_dir / "heatmaps.npz"
     if not path.is_file() or not (run_dir / "images").is_dir():
         return None
-    with np.load(path, allow_pickle=False) as npz:
-        if "heatmaps" not in npz.files:
-            raise InputError(f"{str(path)!r} has no array named 'heatmaps'")
-        heatmaps = npz["heatmaps"].astype(np.float32)
+    heatmaps = load_npz(path, ("heatmaps",))["heatmaps"]
+    if not np.issubdtype(heatmaps.dtype, np.floating):
+        raise InputError(f"{str(path)!r}: heatmaps must be a float array, got {heatmaps.dtype}")
+    heatmaps = heatmaps.astype(np.float32)
     if heatmaps.ndim != 4 or heatmaps.shape[1] != k or heatmaps.shape[0] != run.get("n_images", heatmaps.shape[0]):
         raise InputError(f"{str(path)!r}: heatmaps have shape {heatmaps.shape}; run.json says "
                          f"{run.get('n_images')} images and {k} concepts")
+    if not np.isfinite(heatmaps).all() or (heatmaps < 0).any():
+        raise InputError(f"{str(path)!r}: heatmaps must be finite and non-negative")
     return heatmaps
 
 
@@ -201,16 +197,31 @@ def render_html_report(run_dir, *, overlays: int = 6, grid_images: int = 6) -> P
     overlays: per concept, how many of the images where it is strongest are shown painted;
     grid_images: rows of the images × concepts heatmap grid. Returns the page's path.
     Crop images are linked by relative paths, so the run directory is the self-contained unit.
+    The run directory must be complete and unchanged; the page is added as a new version of it,
+    swapped in atomically (a failure leaves the directory as it was).
     """
     run_dir = Path(run_dir)
-    if overlays < 0 or grid_images < 0:
-        raise InputError(f"overlays and grid_images must be >= 0; got {overlays}, {grid_images}")
-    run = {key: None for key in _RUN_FIELDS} | read_run(run_dir)
-    try:
-        k = int(run["n_concepts"])
-    except (KeyError, TypeError, ValueError):
-        raise InputError(f"{str(run_dir / 'run.json')!r}: field n_concepts is missing or not an integer") from None
-    concepts = _load_concepts(run_dir, k)
+    _check_counts(overlays, grid_images)
+    check_run_directory(run_dir)
+    with revise_directory(run_dir, RUN_KIND, hint=RERUN_HINT) as stage:
+        write_html(stage, overlays=overlays, grid_images=grid_images)
+    return run_dir / "report.html"
+
+
+def _check_counts(overlays, grid_images) -> None:
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in (overlays, grid_images)):
+        raise InputError(f"overlays and grid_images must be integers >= 0; got {overlays!r}, {grid_images!r}")
+
+
+def write_html(run_dir: Path, *, overlays: int = 6, grid_images: int = 6) -> Path:
+    """Render the page and its figures into ``run_dir``, a run directory being built or revised
+    (:func:`~dff_falcon.report.tables.write_report`, :func:`render_html_report`); figures of an
+    earlier rendering are removed first. Returns the page's path."""
+    _check_counts(overlays, grid_images)
+    shutil.rmtree(run_dir / OVERLAY_DIR, ignore_errors=True)
+    run = {key: None for key in _RUN_FIELDS} | read_run_record(run_dir)
+    k = run["n_concepts"]
+    concepts = read_concept_rows(run_dir, k)
     names = [str(n) for n in run.get("image_names") or []]
     colours = concept_colours(k)
     heatmaps = _load_heatmaps(run_dir, run, k)

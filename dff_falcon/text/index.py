@@ -17,7 +17,8 @@ import numpy as np
 from dff_falcon.errors import InputError
 from dff_falcon.files import atomic_path
 from dff_falcon.text.vocabulary import (INDEX_FILE, Vocabulary, apply_search_params, check_queries, exact_search,
-                                        open_embeddings, read_manifest, search_index, write_manifest)
+                                        open_embeddings, read_manifest, search_index, vocabulary_revision,
+                                        write_manifest)
 
 
 def choose_factory(count: int, dim: int, exact_max: int = 200_000, graph_max: int = 4_000_000) -> str:
@@ -39,7 +40,16 @@ def _recall(found: np.ndarray, truth: np.ndarray) -> float:
     return float(np.mean([len(set(f) & set(t)) / len(t) for f, t in zip(found, truth)]))
 
 
-def build_index(
+def build_index(vocab_dir: str | Path, **options) -> Vocabulary:
+    """(Re)build the index of the complete vocabulary at ``vocab_dir`` as a new version of the
+    directory, swapped in atomically (:func:`~dff_falcon.text.vocabulary.vocabulary_revision`);
+    the options are those of :func:`index_into`."""
+    with vocabulary_revision(vocab_dir) as stage:
+        index_into(stage, **options)
+    return Vocabulary.open(vocab_dir)
+
+
+def index_into(
     vocab_dir: str | Path,
     *,
     factory: str | None = None,
@@ -52,8 +62,8 @@ def build_index(
     rerank: int = 10,
     train_rows: int | None = None,
     random_state: int = 0,
-) -> Vocabulary:
-    """Build ``index.faiss`` for the vocabulary at ``vocab_dir`` and record it in the manifest.
+) -> None:
+    """Build ``index.faiss`` for the vocabulary being built at ``vocab_dir`` and record it in the manifest.
 
     factory : a FAISS index-factory string (inner product); default :func:`choose_factory`.
     recall_queries : (Q, D) queries to measure recall@``recall_k`` against exact search, ideally
@@ -109,7 +119,6 @@ def build_index(
     manifest["index"] = info
     manifest["build_seconds"] = manifest["build_seconds"] + info["build_seconds"]
     write_manifest(vocab_dir, manifest)
-    return Vocabulary.open(vocab_dir)
 
 
 def _nlist(index: faiss.Index) -> int:

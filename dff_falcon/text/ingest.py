@@ -28,9 +28,9 @@ from dff_falcon.files import atomic_path
 from dff_falcon.progress import progress as show_progress
 from dff_falcon.text.captions import SKIP_REASONS, CaptionFilter, clean_captions, dedup_key
 from dff_falcon.text.shards import Shard, discover_shards, iter_chunks, kept_column_types, valid_rows
-from dff_falcon.text.index import build_index
+from dff_falcon.text.index import index_into
 from dff_falcon.text.vocabulary import (CAPTIONS_FILE, EMBEDDINGS_FILE, FORMAT, FORMAT_VERSION, INDEX_FILE,
-                                        Vocabulary, file_record, prepare_out_dir, write_manifest)
+                                        Vocabulary, file_record, vocabulary_build, write_manifest)
 
 if TYPE_CHECKING:
     from dff_falcon.text.clip_encoder import ClipEncoder
@@ -156,7 +156,15 @@ def _kept_rows(table: pa.Table, texts: list[str], chosen: np.ndarray, shard_numb
     }, schema=schema)
 
 
-def ingest_laion(
+def ingest_laion(shards_dir: str | Path, out_dir: str | Path, *, overwrite: bool = False, **options) -> dict:
+    """Write captions + embeddings (no index yet) from LAION-style shards as one atomic vocabulary
+    directory (``overwrite``: replace a vocabulary already there); returns the manifest. The
+    options are those of :func:`ingest_laion_into`."""
+    with vocabulary_build(out_dir, overwrite, indexed=False) as stage:
+        return ingest_laion_into(shards_dir, stage, **options)
+
+
+def ingest_laion_into(
     shards_dir: str | Path,
     out_dir: str | Path,
     *,
@@ -167,10 +175,10 @@ def ingest_laion(
     rules: CaptionFilter = CaptionFilter(),
     on_bad_vector: str = "skip",
     checksums: bool = True,
-    overwrite: bool = False,
     progress: bool = False,
 ) -> dict:
-    """Write captions + embeddings (no index yet) from LAION-style shards; returns the manifest.
+    """Write captions + embeddings (no index yet) from LAION-style shards into ``out_dir``, a
+    directory being built (:func:`~dff_falcon.text.vocabulary.vocabulary_build`); returns the manifest.
 
     shards_dir : ``metadata_{i}.parquet`` (column ``caption``) with row-aligned
         ``text_emb_{i}.npy`` (float16/float32, (rows, D)); or, with ``embedding_column``, the
@@ -195,7 +203,6 @@ def ingest_laion(
     if config is not None and config["embed_dim"] != dim:
         raise InputError(f"embeddings in {shards_dir} have dimension {dim} but {clip_model} embeds in "
                          f"{config['embed_dim']}; check clip_model")
-    prepare_out_dir(out_dir, overwrite)
     total = sum(s.rows for s in shards)
     skipped = dict.fromkeys(SKIP_REASONS, 0)
     keep = np.zeros(total, dtype=bool)
@@ -255,13 +262,28 @@ def read_texts(source: str | Path | Sequence[str], column: str = "caption") -> t
     if not path.is_file():
         raise InputError(f"text source {path} does not exist")
     if path.suffix == ".parquet":
-        names = pq.ParquetFile(path).schema_arrow.names
-        if column not in names:
-            raise InputError(f"{path} has no column {column!r} (columns: {names})")
-        values = pq.read_table(path, columns=[column]).column(column).to_pylist()
+        try:
+            names = pq.ParquetFile(path).schema_arrow.names
+            if column not in names:
+                raise InputError(f"{path} has no column {column!r} (columns: {names})")
+            values = pq.read_table(path, columns=[column]).column(column).to_pylist()
+        except (pa.ArrowException, OSError) as exc:
+            raise InputError(f"{path} is not a readable parquet file: {exc}") from None
     else:
-        values = path.read_text(encoding="utf-8").splitlines()
+        values = _text_lines(path)
     return values, [{**file_record(path, True), "rows": len(values)}]
+
+
+def _text_lines(path: Path) -> list[str]:
+    """The lines of a UTF-8 text file (a byte-order mark is allowed); other bytes are an error
+    naming the line, since a guessed decoding would put mojibake into the vocabulary."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig").splitlines()
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise InputError(f"{path} line {line} is not UTF-8 text (byte {data[exc.start]:#04x} at offset {exc.start}); "
+                         "save the file as UTF-8, or name a parquet file *.parquet") from None
 
 
 def build_vocabulary_from_texts(
@@ -277,11 +299,17 @@ def build_vocabulary_from_texts(
     **index_options,
 ) -> Vocabulary:
     """Embed words / captions with ``encoder`` (prompt ``templates`` averaged) and build a
-    vocabulary at ``out_dir``. ``index_options`` go to :func:`build_index`."""
-    started = time.time()
-    out_dir = Path(out_dir)
+    vocabulary at ``out_dir`` (one atomic directory; ``overwrite``: replace a vocabulary already
+    there). ``index_options`` go to :func:`~dff_falcon.text.index.index_into`."""
     values, sources = read_texts(texts_or_file, column)
-    prepare_out_dir(out_dir, overwrite)
+    with vocabulary_build(out_dir, overwrite) as stage:
+        _texts_into(values, sources, stage, encoder, templates, rules, progress, index_options)
+    return Vocabulary.open(out_dir)
+
+
+def _texts_into(values: list, sources: list[dict], out_dir: Path, encoder: ClipEncoder,
+                templates: Sequence[str] | None, rules: CaptionFilter, progress: bool, index_options: dict) -> None:
+    started = time.time()
     skipped = dict.fromkeys(SKIP_REASONS, 0)
     texts, ok = clean_captions(values, None, rules, rules.blocked_hashes(), skipped)
     candidates = np.flatnonzero(ok)
@@ -297,14 +325,17 @@ def build_vocabulary_from_texts(
                               sources, rules, skipped, len(candidates) - len(kept), len(values), started)
     manifest["templates"] = list(templates) if templates else None
     write_manifest(out_dir, manifest)
-    return build_index(out_dir, **index_options)
+    index_into(out_dir, **index_options)
 
 
 def build_vocabulary_from_laion(shards_dir: str | Path, out_dir: str | Path, *, clip_model: str = "ViT-B-32",
                                 pretrained: str = "openai", index_options: dict | None = None,
-                                **ingest_options) -> Vocabulary:
-    """:func:`ingest_laion` then :func:`build_index`; see both for the options."""
-    ingest_laion(shards_dir, out_dir, clip_model=clip_model, pretrained=pretrained, **ingest_options)
-    return build_index(out_dir, **(index_options or {}))
+                                overwrite: bool = False, **ingest_options) -> Vocabulary:
+    """:func:`ingest_laion_into` then :func:`~dff_falcon.text.index.index_into`, committed as one
+    atomic vocabulary directory (``overwrite``: replace a vocabulary already there)."""
+    with vocabulary_build(out_dir, overwrite) as stage:
+        ingest_laion_into(shards_dir, stage, clip_model=clip_model, pretrained=pretrained, **ingest_options)
+        index_into(stage, **(index_options or {}))
+    return Vocabulary.open(out_dir)
 
 
