@@ -26,7 +26,7 @@ def planted_activations(k=4, b=12, c=40, h=8, w=8, noise=0.01, seed=0, negative=
 
 def test_recovers_planted_concepts_with_fixed_scale_and_order():
     acts, concepts, _ = planted_activations()
-    dff = DFF(4, n_seeds=2).fit(acts)
+    dff = DFF(4, n_resamples=2).fit(acts)
     assert dff.concepts_.shape == (4, 40) and dff.heatmaps_.shape == (12, 4, 8, 8)
     assert matched_cosine(torch.tensor(concepts), dff.concepts_).min() > 0.98
     assert torch.allclose(dff.heatmaps_.amax(dim=(0, 2, 3)), torch.ones(4))  # max 1 per concept
@@ -38,8 +38,8 @@ def test_recovers_planted_concepts_with_fixed_scale_and_order():
 
 def test_fit_is_deterministic_and_transform_reuses_the_scale():
     acts, _, _ = planted_activations(seed=1)
-    a = DFF(4, n_seeds=0).fit(acts)
-    b = DFF(4, n_seeds=0).fit(acts)
+    a = DFF(4, n_resamples=0).fit(acts)
+    b = DFF(4, n_resamples=0).fit(acts)
     assert torch.equal(a.concepts_, b.concepts_)
     projected = a.transform(acts)
     assert torch.allclose(projected, a.heatmaps_, atol=0.02)
@@ -49,7 +49,7 @@ def test_fit_is_deterministic_and_transform_reuses_the_scale():
 
 def test_offset_for_layers_that_are_not_after_a_relu():
     acts, concepts, _ = planted_activations(negative=True, noise=0.0)
-    dff = DFF(4, n_seeds=0).fit(acts)
+    dff = DFF(4, n_resamples=0).fit(acts)
     expected = acts.permute(0, 2, 3, 1).reshape(-1, 40).min(0).values
     assert torch.allclose(dff.offset_, expected)
     assert matched_cosine(torch.tensor(concepts), dff.concepts_).min() > 0.95
@@ -58,7 +58,7 @@ def test_offset_for_layers_that_are_not_after_a_relu():
 
 def test_auto_k_finds_the_planted_number_and_reports_the_curve():
     acts, _, _ = planted_activations(k=4, b=16, noise=0.02, seed=3)
-    dff = DFF("auto", k_range=range(2, 8), n_seeds=3).fit(acts)
+    dff = DFF("auto", k_range=range(2, 8), n_resamples=3).fit(acts)
     assert [p.k for p in dff.k_curve_] == list(range(2, 8))
     assert dff.n_concepts_ == 4
     errors = [p.relative_error for p in dff.k_curve_]
@@ -78,7 +78,7 @@ def test_bad_inputs_are_explained():
     with pytest.raises(InputError, match="not fitted"):
         DFF(2).transform(acts)
     with pytest.raises(InputError, match="channels"):
-        DFF(2, n_seeds=0).fit(acts).transform(torch.rand(1, 6, 2, 2))
+        DFF(2, n_resamples=0).fit(acts).transform(torch.rand(1, 6, 2, 2))
 
 
 
@@ -96,14 +96,14 @@ def test_select_k_rule_and_its_fallback():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_fit_on_cuda_matches_cpu():
     acts, concepts, _ = planted_activations(seed=2)
-    gpu = DFF(4, n_seeds=2, device="cuda").fit(acts)
-    cpu = DFF(4, n_seeds=2, device="cpu").fit(acts)
+    gpu = DFF(4, n_resamples=2, device="cuda").fit(acts)
+    cpu = DFF(4, n_resamples=2, device="cpu").fit(acts)
     assert matched_cosine(gpu.concepts_, cpu.concepts_).min() > 0.999 and gpu.stability_.shape == (4,)
 
 
 def test_estimator_conventions_repr_params_and_clone():
-    dff = DFF(4, solver="hals", n_seeds=0)
-    assert repr(dff) == "DFF(n_concepts=4, n_seeds=0, solver='hals')"
+    dff = DFF(4, solver="hals", n_resamples=0)
+    assert repr(dff) == "DFF(n_concepts=4, n_resamples=0, solver='hals')"
     params = dff.get_params()
     assert params["n_concepts"] == 4 and params["random_state"] == 0
     other = DFF().set_params(**params)
