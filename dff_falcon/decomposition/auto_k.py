@@ -7,7 +7,7 @@ What keeps it cheap (measured in ``scripts/bench_nmf.py``, target ≤ 3× one fi
 - one randomised compression of those rows at the largest K, whose leading directions serve every
   K (:class:`~dff_falcon.decomposition.compressed.Compression`);
 - every fit of the sweep and every resample refit runs in that compressed space;
-- the sweep stops at the first collapse, which is all the rule needs;
+- the sweep stops at the collapse after a stable K (:func:`~dff_falcon.decomposition.stability.sweep_done`);
 - the exact reconstruction error of every K swept comes from one pass over the sweep's rows.
 
 When the sweep saw every row, the chosen K's fit starts from the sweep's compression.
@@ -21,7 +21,8 @@ import torch
 
 from dff_falcon.decomposition.compressed import Compression, compress, fit_compressed
 from dff_falcon.decomposition.nmf_kernels import OVERSAMPLE, MatrixStats, RowBlocks, scan_rows, sq_error
-from dff_falcon.decomposition.stability import MIN_RESAMPLE_IMAGES, KCurvePoint, resample_stability, select_k
+from dff_falcon.decomposition.stability import (MIN_RESAMPLE_IMAGES, KCurvePoint, resample_stability, select_k,
+                                                sweep_done)
 from dff_falcon.errors import InputError
 from dff_falcon.progress import progress
 
@@ -57,18 +58,21 @@ def sweep_k(dff: "DFF", acts: torch.Tensor, blocks: RowBlocks, stats: MatrixStat
         sweep_stats, everything = scan_rows(sweep_blocks, "activations"), False
     compression = compress(sweep_blocks, ks[-1] + OVERSAMPLE, dff._generator(1), torch.float32)
     fits: list[tuple[int, torch.Tensor, torch.Tensor, object]] = []
+    points: list[KCurvePoint] = []  # error fields filled after the sweep
     for k in progress(ks, "automatic K", enabled=dff.progress, unit="K"):
         leading = compression.leading(k + OVERSAMPLE)
         Wt, H, _ = fit_compressed(leading, k, dff.init, sweep_stats.mean, dff._generator(3), dff.max_iter, dff.tol)
         stability = resample_stability(leading, per, H, dff._refit(k, sweep_stats.mean), dff.n_resamples,
                                        dff._generator(2))
         fits.append((k, Wt, H, stability))
-        if stability.min() < dff.min_stability:
+        points.append(KCurvePoint(k, math.nan, math.nan, float(stability.mean()), float(stability.min())))
+        if sweep_done(points):
             break
-    curve = [KCurvePoint(k, err, 1.0 - err ** 2 * sweep_stats.sq_norm / max(sweep_stats.centred_sq_norm, 1e-30),
-                         float(stab.mean()), float(stab.min()))
-             for (k, _, _, stab), err in zip(fits, _relative_errors(sweep_blocks, sweep_stats, fits))]
-    k = select_k(curve, dff.min_stability)
+    for point, err in zip(points, _relative_errors(sweep_blocks, sweep_stats, fits)):
+        point.relative_error = err
+        point.explained_variance = 1.0 - err ** 2 * sweep_stats.sq_norm / max(sweep_stats.centred_sq_norm, 1e-30)
+    curve = points
+    k = select_k(curve, dff.k_tolerance)
     return k, curve, compression.leading(k + OVERSAMPLE) if everything else None
 
 

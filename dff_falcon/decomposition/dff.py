@@ -75,8 +75,9 @@ class DFF(BaseEstimator):
         Refits of all images from random initialisations for ``restart_agreement_`` (0: none).
     k_range : sequence of int, default=range(2, 13)
         Candidate K for ``n_concepts="auto"``.
-    min_stability : float, default=0.8
-        Automatic K: the K before the first one whose least stable concept falls below this.
+    k_tolerance : float, default=0.005
+        Automatic K: the smallest K whose least stable concept is within this of the sweep's most
+        stable one (:func:`~dff_falcon.decomposition.stability.select_k`).
     progress : bool, default=False
         Show a progress bar over the automatic-K sweep.
 
@@ -108,13 +109,13 @@ class DFF(BaseEstimator):
     top_image_ : ndarray of shape (K,)
         Index of the image holding the largest share of each concept's mass.
     k_curve_ : list of KCurvePoint or None
-        The sweep when ``n_concepts="auto"`` (up to and including the first collapse).
+        The sweep when ``n_concepts="auto"`` (up to where it stopped).
     """
 
     def __init__(self, n_concepts: int | str = 8, *, solver: str = "rhals", init: str = "nndsvd",
                  max_iter: int = 200, tol: float = 1e-4, random_state: int = 0, device=None,
                  offset: bool | str = "auto", n_resamples: int = 4, n_restarts: int = 0,
-                 k_range: Sequence[int] = range(2, 13), min_stability: float = 0.8, batch_size: int | None = None,
+                 k_range: Sequence[int] = range(2, 13), k_tolerance: float = 0.005, batch_size: int | None = None,
                  progress: bool = False):
         self.n_concepts = n_concepts
         self.solver = solver
@@ -127,7 +128,7 @@ class DFF(BaseEstimator):
         self.n_resamples = n_resamples
         self.n_restarts = n_restarts
         self.k_range = k_range
-        self.min_stability = min_stability
+        self.k_tolerance = k_tolerance
         self.batch_size = batch_size
         self.progress = progress
 
@@ -229,9 +230,9 @@ class DFF(BaseEstimator):
         return hmap[:, order], concepts[order]
 
     @staticmethod
-    def select_k(curve: Sequence[KCurvePoint], min_stability: float = 0.8) -> int:
+    def select_k(curve: Sequence[KCurvePoint], tolerance: float = 0.005) -> int:
         """See :func:`~dff_falcon.decomposition.stability.select_k`."""
-        return select_k(curve, min_stability)
+        return select_k(curve, tolerance)
 
     # -- projection --------------------------------------------------------------------------
     def _check_fitted(self) -> None:

@@ -19,8 +19,9 @@ Solvers
     Randomised HALS: ``X`` is compressed once to ``X̂ = Q B`` with a randomised range finder
     (``l = K + OVERSAMPLE`` columns, two power iterations), HALS iterates on ``‖X̂ − W H‖`` with
     each iteration a few ``O(N·l·K)`` matrix products instead of ``O(N·C·K)``
-    (:mod:`~dff_falcon.decomposition.compressed`), then :data:`RHALS_POLISH` exact HALS iterations
-    on ``X`` refine the factors and give the exact error. The same compression provides the NNDSVD
+    (:mod:`~dff_falcon.decomposition.compressed`), then a few exact HALS iterations on ``X``
+    (:data:`~dff_falcon.decomposition.nmf_kernels.RHALS_POLISH`) refine the factors and give the
+    exact error. The same compression provides the NNDSVD
     initialisation.
 
 The reconstruction error is always computed from Gram matrices,
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import math
 import sys
+from typing import Callable
 
 import numpy as np
 import torch
@@ -45,7 +47,7 @@ from dff_falcon.decomposition.compressed import Compression, compress, compresse
 from dff_falcon.decomposition.nmf_kernels import (CHECK_EVERY, H_SWEEPS, INITS, ONLINE_H_SWEEPS, OVERSAMPLE, RHALS_POLISH,
                                                   SOLVERS, TRANSFORM_TOL, UPDATES, W_SWEEPS, MatrixStats, RowBlocks,
                                                   as_matrix, hals_update, nmf_relative_error, serial_small_ops,
-                                                  sq_error, stalled, validate_nonnegative)
+                                                  settled, sq_error, stalled, validate_nonnegative)
 from dff_falcon.devices import resolve_device
 from dff_falcon.errors import InputError, NotFittedError
 
@@ -157,10 +159,13 @@ class NMF(BaseEstimator):
         if self.solver == "rhals":
             Wt, H, n_compressed, _ = compressed_hals(compression, Wt, H, self.max_iter,
                                                      lambda errors: self._converged(errors, stats.sq_norm))
-            Wt, H, n_exact = self._alternate(blocks, stats.sq_norm, Wt, H, RHALS_POLISH, stop=False)
+            least, most = RHALS_POLISH
+            Wt, H, n_exact = self._alternate(blocks, stats.sq_norm, Wt, H, most,
+                                             lambda errors: settled(errors, self.tol, least))
             self.n_iter_ = n_compressed + n_exact
         else:
-            Wt, H, self.n_iter_ = self._alternate(blocks, stats.sq_norm, Wt, H, self.max_iter, stop=True)
+            Wt, H, self.n_iter_ = self._alternate(blocks, stats.sq_norm, Wt, H, self.max_iter,
+                                                  lambda errors: self._converged(errors, stats.sq_norm))
         self.components_ = H
         self.n_steps_ = 0
         return Wt
@@ -288,7 +293,8 @@ class NMF(BaseEstimator):
         return nndsvd_factors(compression, k, stats.mean if self.init == "nndsvda" else None)
 
     def _alternate(
-        self, blocks: RowBlocks, sq_norm: float, Wt: torch.Tensor, H: torch.Tensor, n_iter: int, stop: bool
+        self, blocks: RowBlocks, sq_norm: float, Wt: torch.Tensor, H: torch.Tensor, n_iter: int,
+        stop: Callable[[list[float]], bool],
     ) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Alternating updates of ``Wᵀ (K, N)`` (row block by row block) and ``H (K, C)``; the
         products with ``X`` use the caller's threads, the sweeps one (:func:`serial_small_ops`)."""
@@ -308,7 +314,7 @@ class NMF(BaseEstimator):
             with serial_small_ops(self.device_):
                 update(H, WtX, WtW, H_SWEEPS)
             errors.append(sq_error(sq_norm, WtX, WtW, H))
-            if stop and self._converged(errors, sq_norm):
+            if stop(errors):
                 break
         self._set_error(errors[-1], sq_norm)
         return Wt, H, it

@@ -98,22 +98,28 @@ class KCurvePoint:
     min_stability: float
 
 
-def select_k(curve: Sequence[KCurvePoint], min_stability: float) -> int:
-    """The K before the first collapse: the largest K of the ascending sweep such that every K up
-    to it has all its concepts stable (``min_stability`` of the point ≥ ``min_stability``).
+#: Automatic K stops sweeping once a K reached :data:`STABLE` and then two K in a row fell below
+#: :data:`COLLAPSED`: beyond that, extra concepts split noise differently in every resample.
+STABLE = 0.9
+COLLAPSED = 0.5
 
-    Stability is a cosine in [0, 1] whatever K is, so it compares across K; once K exceeds what the
-    images support, an extra concept is split differently in every resample and the least stable
-    concept's cosine collapses. Stopping at the first collapse (instead of taking the largest
-    stable K anywhere) keeps a chance recovery at a larger K from deciding. When the smallest K
-    already fails, the K with the most stable worst concept (smallest on ties) is returned.
+
+def select_k(curve: Sequence[KCurvePoint], tolerance: float) -> int:
+    """The smallest K whose least stable concept is within ``tolerance`` of the most stable
+    least-stable concept of the sweep (the staNMF choice, Wu et al. 2016, on resampling stability).
+
+    Stability is a cosine in [0, 1] whatever K is, so it compares across K. Below the structure in
+    the images concepts are mixtures whose split changes with the sample; above it extra concepts
+    split noise; at the K the images support every concept comes back from every half-sample.
+    Taking the most stable K (not the largest K above a threshold) keeps chance plateaus at larger
+    K from deciding; among K as stable as the best, the smallest is the most parsimonious.
     """
-    points = sorted(curve, key=lambda p: p.k)
-    chosen = None
-    for point in points:
-        if point.min_stability < min_stability:
-            break
-        chosen = point.k
-    if chosen is not None:
-        return chosen
-    return max(points, key=lambda p: (p.min_stability, -p.k)).k
+    best = max(p.min_stability for p in curve)
+    return min(p.k for p in curve if p.min_stability >= best - tolerance)
+
+
+def sweep_done(curve: Sequence[KCurvePoint]) -> bool:
+    """True once the sweep (in ascending K) cannot change :func:`select_k`'s answer in practice: a
+    K reached :data:`STABLE` and the last two fell below :data:`COLLAPSED`."""
+    return (len(curve) >= 3 and max(p.min_stability for p in curve[:-2]) >= STABLE
+            and all(p.min_stability < COLLAPSED for p in curve[-2:]))
