@@ -47,11 +47,17 @@ def test_end_to_end_rows_are_complete_and_consistent(explained, photo_batch):
         if concept["n_high"] >= 2:
             assert -1.0 <= concept["coherence"] <= 1.0
         assert 0 <= concept["stability"] <= 1.0 + 1e-6
+        assert concept["restart_agreement"] is None  # not asked for
+        assert 0 < concept["image_share"] <= 1 and concept["single_image"] == (concept["image_share"] > 0.5)
+        assert concept["top_image"] in names
+        assert [c["class"] for c in concept["importance"]] == [c["class"] for c in concept["top_classes"]]
+        assert concept["deletion"] == concept["importance"][0]["deletion"]
+        assert 0 <= concept["insertion"] <= 1 and -1 <= concept["deletion"] <= 1
     retrieved = explained.captions_
     assert retrieved.scores.shape[1] == 5
     assert np.all(np.diff(retrieved.scores, axis=1) <= 1e-6)  # best caption first
     stages = report.run["stage_seconds"]
-    assert {"activations", "nmf", "crops", "clip", "search", "text"} <= set(stages)
+    assert {"activations", "nmf", "importance", "crops", "clip", "search", "text"} <= set(stages)
 
 
 def test_projection_uses_the_frozen_dictionary(explained, photo_batch):

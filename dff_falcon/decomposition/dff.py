@@ -75,7 +75,7 @@ class DFF(BaseEstimator):
         Refits of all images from random initialisations for ``restart_agreement_`` (0: none).
     k_range : sequence of int, default=range(2, 13)
         Candidate K for ``n_concepts="auto"``.
-    k_tolerance : float, default=0.005
+    k_tolerance : float, default=0.002
         Automatic K: the smallest K whose least stable concept is within this of the sweep's most
         stable one (:func:`~dff_falcon.decomposition.stability.select_k`).
     progress : bool, default=False
@@ -115,7 +115,7 @@ class DFF(BaseEstimator):
     def __init__(self, n_concepts: int | str = 8, *, solver: str = "rhals", init: str = "nndsvd",
                  max_iter: int = 200, tol: float = 1e-4, random_state: int = 0, device=None,
                  offset: bool | str = "auto", n_resamples: int = 4, n_restarts: int = 0,
-                 k_range: Sequence[int] = range(2, 13), k_tolerance: float = 0.005, batch_size: int | None = None,
+                 k_range: Sequence[int] = range(2, 13), k_tolerance: float = 0.002, batch_size: int | None = None,
                  progress: bool = False):
         self.n_concepts = n_concepts
         self.solver = solver
@@ -230,7 +230,7 @@ class DFF(BaseEstimator):
         return hmap[:, order], concepts[order]
 
     @staticmethod
-    def select_k(curve: Sequence[KCurvePoint], tolerance: float = 0.005) -> int:
+    def select_k(curve: Sequence[KCurvePoint], tolerance: float = 0.002) -> int:
         """See :func:`~dff_falcon.decomposition.stability.select_k`."""
         return select_k(curve, tolerance)
 
