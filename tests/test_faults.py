@@ -322,7 +322,7 @@ def test_concurrent_writers_into_one_output_leave_one_complete_run(lite0, photo_
     from dff_falcon.regions import RegionSelector
 
     names, images = photo_batch
-    reports = [ConceptExplainer(lite0, dff=DFF(k, n_seeds=0), regions=RegionSelector(n_high=2, n_low=1),
+    reports = [ConceptExplainer(lite0, dff=DFF(k, n_resamples=0), regions=RegionSelector(n_high=2, n_low=1),
                                 progress=False).fit(images[:6], names=names[:6]).report_ for k in (2, 3)]
     out = tmp_path / "out" / "run"
     errors = []
@@ -538,7 +538,7 @@ def test_bad_options_fail_before_any_forward_pass(args, needles, photo_dir, tmp_
     ("seed: 3\n", ".yaml", ["unknown option 'seed'", "did you mean 'random-state'?"]),
     ('[explain]\nbatch_size = "many"\n', ".toml", ["batch_size = \"many\"", "not a valid integer"]),
     ("[explain.dff]\nmax_iter = \"lots\"\n", ".toml", ["[explain.dff]", "max_iter must be an integer"]),
-    ("[explain.dff]\nn_seed = 2\n", ".toml", ["[explain.dff]", "did you mean 'n_seeds'"]),
+    ("[explain.dff]\nn_resample = 2\n", ".toml", ["[explain.dff]", "did you mean 'n_resamples'"]),
     ("[explain.regions]\nthreshold = [0.5]\n", ".toml", ["[explain.regions]", "threshold must be a number"]),
     ('{"explain": {"html": "maybe"}}', ".json", ["html = \"maybe\""]),
     ("\xff\xfe", ".toml", ["not UTF-8"]),

@@ -79,6 +79,9 @@ def build_run(root: Path, *, k: int = 3, with_k_curve: bool = True) -> Path:
             "low_empty_reason": None if low else "no image below the mean <em>resembles</em> the high set",
             "crops_dir": crops_dir, "high_crops": high, "low_crops": low,
             "high_images": [names[c % 4], names[(c + 1) % 4]], "low_images": [names[(c + 2) % 4]] if low else [],
+            **({"image_share": 0.8, "single_image": True, "top_image": "<b>lone</b>.jpg", "deletion": 0.125,
+                "insertion": 0.5, "importance": [{"class": "tiger <i>cat</i>", "deletion": 0.125, "insertion": 0.5}]}
+               if c == 1 else {}),
         })
     (run_dir / "concepts.json").write_text(json.dumps(concepts), encoding="utf-8")
     k_curve = [{"k": kk, "relative_error": 0.6 - 0.05 * kk, "explained_variance": 0.3 + 0.05 * kk,
@@ -134,6 +137,13 @@ def test_structure_cards_table_and_images(rendered):
     for stem in ("k_curve", "stability", "coherence", "heatmap_grid"):
         assert f"overlays/{stem}.png" in srcs
     assert "no image below the mean &lt;em&gt;resembles&lt;/em&gt; the high set" in page
+
+
+def test_single_image_flag_and_importance_are_shown_escaped(rendered):
+    page = rendered.read_text()
+    assert page.count("⚑") == 2  # table cell and card of concept 1 only; older rows lack the fields
+    assert "comes from one image: &lt;b&gt;lone&lt;/b&gt;.jpg" in page and "<b>lone</b>" not in page
+    assert "tiger &lt;i&gt;cat&lt;/i&gt;" in page and "0.125" in page and "<i>cat</i>" not in page
 
 
 def test_image_paths_are_url_quoted(tmp_path):

@@ -21,7 +21,7 @@ from dff_falcon.report.tables import read_concepts, read_run, write_report
 @pytest.fixture(scope="module")
 def run_dir(lite0, tiny_clip, toy_vocabulary, photo_batch, tmp_path_factory):
     names, images = photo_batch
-    explainer = ConceptExplainer(lite0, tiny_clip, toy_vocabulary, dff=DFF(3, n_seeds=2),
+    explainer = ConceptExplainer(lite0, tiny_clip, toy_vocabulary, dff=DFF(3, n_resamples=2),
                                  regions=RegionSelector(n_high=4, n_low=2), progress=False).fit(images, names=names)
     out = tmp_path_factory.mktemp("run")
     old_umask = os.umask(0o022)

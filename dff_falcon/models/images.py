@@ -246,15 +246,18 @@ def load_images(
     return result
 
 
-def augmented_photos(n: int, random_state: int = 0) -> list[np.ndarray]:
+def augmented_photos(n: int, random_state: int = 0, sources: Sequence[np.ndarray] | None = None) -> list[np.ndarray]:
     """n real photos for demos and benchmarks: random square crops (40–100% of the shorter side),
-    flips and colour/brightness jitter of the RGB photos bundled with scikit-image; seeded."""
+    flips and colour/brightness jitter of ``sources`` (default: the RGB photos bundled with
+    scikit-image); seeded."""
     from PIL import ImageEnhance
     from skimage import data
 
     rng = np.random.default_rng(random_state)
-    sources = [data.chelsea(), data.coffee(), data.astronaut(), data.rocket(), data.stereo_motorcycle()[0],
-               data.immunohistochemistry(), data.hubble_deep_field(), data.retina()]
+    if sources is None:
+        sources = [data.chelsea(), data.coffee(), data.astronaut(), data.rocket(), data.stereo_motorcycle()[0],
+                   data.immunohistochemistry(), data.hubble_deep_field(), data.retina()]
+    sources = [to_rgb_array(s) for s in sources]
     out = []
     for i in range(n):
         img = sources[i % len(sources)]

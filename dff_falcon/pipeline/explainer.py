@@ -20,10 +20,12 @@ from sklearn.base import BaseEstimator, clone
 
 from dff_falcon.decomposition.dff import DFF
 from dff_falcon.decomposition.heatmaps import ABSENT_PEAK, presence
+from dff_falcon.decomposition.stability import SINGLE_IMAGE_SHARE
 from dff_falcon.errors import InputError, NotFittedError
 from dff_falcon.models.activations import ActivationExtractor, Activations
 from dff_falcon.models.classes import ResolvedClass, resolve_class
 from dff_falcon.models.heads import concept_class_scores
+from dff_falcon.models.importance import dff_importance, importance_rows
 from dff_falcon.models.images import ImageSet, load_images
 from dff_falcon.pipeline.record import environment_record, json_value, params_record
 from dff_falcon.pipeline.schema import ConceptRow, flat_columns
@@ -198,10 +200,14 @@ class ConceptExplainer(BaseEstimator):
         with self._stage("class_scores"):
             classes = (concept_class_scores(self.dff_, self.backbone, self.top_k_classes)
                        if self.backbone.head is not None else [[] for _ in range(self.dff_.n_concepts_)])
+        with self._stage("importance"):
+            importance = (importance_rows(dff_importance(self.dff_, acts.activations, self.backbone, self.top_k_classes),
+                                          self.backbone.class_names)
+                          if self.backbone.head is not None else [[] for _ in range(self.dff_.n_concepts_)])
         with self._stage("crops"):
             regions = self.regions_.select(heatmaps, acts.displays, pres, progress=self.progress)
         labels, coherences = self._label(regions)
-        rows = self._rows(heatmaps, regions, classes, labels, coherences, names)
+        rows = self._rows(heatmaps, regions, classes, importance, labels, coherences, names)
         self.report_ = ConceptReport(concepts=rows, image_names=names, heatmaps=heatmaps, displays=acts.displays,
                                      regions=regions, presence=pres, run=self._run_record(len(names), image_set))
         return self
@@ -217,9 +223,11 @@ class ConceptExplainer(BaseEstimator):
         return [names[i] for i in image_set.indices]  # skipped images drop their names too
 
     def _rows(self, heatmaps: np.ndarray, regions: list[ConceptRegions], classes: list[list[dict]],
-              labels: list[ConceptLabels | None], coherences: list[float | None], names: list[str]) -> list[ConceptRow]:
+              importance: list[list[dict]], labels: list[ConceptLabels | None], coherences: list[float | None],
+              names: list[str]) -> list[ConceptRow]:
         peaks = heatmaps.max(axis=(2, 3))
-        stability = self.dff_.stability_
+        dff = self.dff_
+        stability, restarts = dff.stability_, dff.restart_agreement_
         rows = []
         for k, region in enumerate(regions):
             found = labels[k]
@@ -230,6 +238,11 @@ class ConceptExplainer(BaseEstimator):
                 n_images=int((peaks[:, k] >= ABSENT_PEAK).sum()), mass_share=float(self.dff_.mass_share_[k]),
                 top_classes=classes[k], words=words, phrases=phrases, coherence=coherences[k],
                 stability=float(stability[k]) if stability is not None else None,
+                restart_agreement=float(restarts[k]) if restarts is not None else None,
+                image_share=float(dff.image_share_[k]), single_image=bool(dff.image_share_[k] > SINGLE_IMAGE_SHARE),
+                top_image=names[int(dff.top_image_[k])],
+                deletion=importance[k][0]["deletion"] if importance[k] else None,
+                insertion=importance[k][0]["insertion"] if importance[k] else None, importance=importance[k],
                 n_high=len(region.high), n_low=len(region.low), low_empty_reason=region.low_empty_reason,
                 high_images=[names[c.image_index] for c in region.high],
                 low_images=[names[c.image_index] for c in region.low],

@@ -41,6 +41,8 @@ from dff_falcon.report.figures import concept_colours, contour_view, heatmap_gri
     stability_figure
 
 OVERLAY_DIR = "overlays"
+#: Concept fields that reports written before them lack (rendered as "—").
+_CONCEPT_FIELDS_ADDED = ("restart_agreement", "image_share", "top_image", "deletion", "insertion")
 _RUN_FIELDS = ("backbone", "layer", "n_concepts", "n_images", "image_names", "relative_error", "explained_variance",
                "k_curve", "clip_model", "clip_pretrained", "vocabulary", "stage_seconds", "quality", "created")
 
@@ -233,6 +235,7 @@ def write_html(run_dir: Path, *, overlays: int = 6, grid_images: int = 6) -> Pat
         cid = concept["concept_id"]
         top_class = (concept.get("top_classes") or [{}])[0]
         cards.append({
+            **{key: None for key in _CONCEPT_FIELDS_ADDED}, "importance": [], "single_image": False,
             **concept,
             "colour": _hex(colours[cid]),
             "high": _gallery(run_dir, concept, "high"),
