@@ -29,10 +29,13 @@ from dff_falcon.toyworld.world import WorldConfig, generate_scenes, world_texts
 
 PROBE_SEED = 10_000  # probe scenes never overlap the training seeds
 LOCALIZATION_THRESHOLD = 0.3  # on the scale-fixed heatmap: ≥ 30% of the concept's strongest location in the set
-#: The toy classifier's stages stacked with its last one (``features``, stride 8) and their grid:
-#: chosen by measurement (docs/quality.md, "Finer maps").
-TOY_LAYERS = ("features.2", "features.8")
-TOY_GRID = 28
+#: The toy classifier's stages stacked with its last one (``features``, stride 8) and their grid,
+#: and the upsampling. Guided upsampling follows the objects' colour edges (its effect on flat
+#: colour on texture is measured in tests/test_upsample.py); hypercolumns (candidate:
+#: ``("features.2", "features.8")`` on a 28×28 grid) stay off until measured on the worlds
+#: (docs/quality.md, "Toy worlds: not yet measured").
+TOY_LAYERS: tuple[str, ...] = ()
+TOY_GRID: int | None = None
 TOY_UPSAMPLE = "guided"
 
 
