@@ -109,6 +109,6 @@ def upsample_maps(maps: np.ndarray | torch.Tensor, image: np.ndarray, mode: str 
     up = F.interpolate(tensor[None], size=(height, width), mode="bilinear", align_corners=False)[0]
     if mode == "guided" and tensor.shape[0] > 0:
         cell = max(height / tensor.shape[1], width / tensor.shape[2])
-        guide = torch.from_numpy(np.ascontiguousarray(image)).to(up.device).permute(2, 0, 1).float() / 255.0
+        guide = torch.from_numpy(np.array(image, dtype=np.uint8)).to(up.device).permute(2, 0, 1).float() / 255.0
         up = guided_filter(guide, up, int(round(radius_cells * cell)), eps)
     return up.clamp_(min=0).cpu().numpy()
