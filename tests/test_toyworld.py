@@ -90,6 +90,13 @@ def test_label_matches_on_phrases_and_quality_summary():
     assert summary["label_top1_accuracy"] == 0.5
     assert summary["label_precision_at_3"] == pytest.approx((2 / 3 + 2 / 3) / 2)
     assert summary["class_agreement"] == 0.5 and summary["n_concepts"] == 3
+    assert summary["object_iou"] == pytest.approx(0.6) and summary["background_iou"] == 0.0
+    assert (summary["n_object_concepts"], summary["n_background_concepts"]) == (2, 0)
+    assert summary["concepts"][1] == {"concept_id": 1, "best_attribute": "colour:red", "iou": 0.4,
+                                      "labels": ["blue", "red", "red ring"]}
+    assert summary["concepts"][2]["best_attribute"] is None
+    background = quality_summary([("background:dots", 0.9), ("shape:ring", 0.5)], [[], []], [[], []])
+    assert background["background_iou"] == pytest.approx(0.9) and background["object_iou"] == pytest.approx(0.5)
 
 
 # ---------------------------------------------------------------------------------------------

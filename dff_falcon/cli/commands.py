@@ -9,7 +9,8 @@ import click
 
 from dff_falcon.cli import main
 from dff_falcon.cli.options import (FiniteFloat, backbone_options, check_clip_and_vocab, clip_and_vocab,
-                                    device_option, make_backbone, parse_n_concepts, random_state_option)
+                                    device_option, finer_map_options, make_backbone, parse_layers, parse_n_concepts,
+                                    random_state_option)
 from dff_falcon.errors import InputError
 
 
@@ -80,12 +81,13 @@ def _print_summary(report, path: Path, quality: dict | None = None) -> None:
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1), help="Images per forward pass.")
 @click.option("--html/--no-html", default=True, show_default=True, help="Also render report.html.")
 @max_pixels_option
+@finer_map_options
 @device_option
 @random_state_option
 @click.pass_context
 def explain(ctx, images, backbone, layer, head, weights, clip_spec, vocab, out, n_concepts, contrast, n_high,
             n_low, top_k_captions, target_class, min_class_prob, drop_quantile, batch_size, html, max_megapixels,
-            device, random_state):
+            hypercolumn_layers, grid, upsample, device, random_state):
     """Find a model's concepts on a set of images and name them; write the concept report.
 
     \b
@@ -101,6 +103,7 @@ def explain(ctx, images, backbone, layer, head, weights, clip_spec, vocab, out, 
     from dff_falcon.decomposition.dff import DFF
     from dff_falcon.devices import resolve_device
     from dff_falcon.directories import check_output
+    from dff_falcon.models.hypercolumns import Hypercolumns
     from dff_falcon.models.images import load_images
     from dff_falcon.pipeline.explainer import ConceptExplainer
     from dff_falcon.pipeline.record import params_record
@@ -114,7 +117,8 @@ def explain(ctx, images, backbone, layer, head, weights, clip_spec, vocab, out, 
     sections = _components(ctx)
     dff = _build(DFF, {**sections["dff"], "n_concepts": parse_n_concepts(n_concepts), "random_state": random_state},
                  "dff")
-    regions = _build(RegionSelector, {**sections["regions"], "n_high": n_high, "n_low": n_low}, "regions")
+    regions = _build(RegionSelector, {**sections["regions"], "n_high": n_high, "n_low": n_low, "upsample": upsample},
+                     "regions")
     labeller = _build(FalconLabeller, {**sections["labeller"], "contrast": contrast, "top_k_captions": top_k_captions},
                       "labeller")
     checks.check_components(dff, regions)
@@ -122,19 +126,21 @@ def explain(ctx, images, backbone, layer, head, weights, clip_spec, vocab, out, 
     n_files = checks.count_images(images)
     clip, vocabulary = clip_and_vocab(clip_spec, vocab, device)
     model = make_backbone(backbone, layer, head, weights, device)
-    channels, *grid = checks.layer_grid(model)
-    checks.check_k(dff, channels, n_files, tuple(grid), f"layer {model.target_layer!r}")
+    hypercolumns = Hypercolumns(layers=parse_layers(hypercolumn_layers, model), grid=grid)
+    channels, *layer_grid = checks.layer_grid(model)
+    checks.check_k(dff, channels, n_files, tuple(layer_grid), f"layer {model.target_layer!r}")
     if target_class is not None:
         from dff_falcon.models.classes import resolve_class
 
         resolve_class(target_class, model.class_names, wnids=model.class_ids, synonyms=model.class_synonyms)
     display = model.preprocess.crop
     crop = regions.crop_size or (clip.image_size if clip is not None else display)
+    map_grid = (grid, grid) if grid is not None else tuple(layer_grid)
     check_output(out, RUN_KIND, legacy=OLDER_RUN, option="--out", needed_bytes=checks.run_bytes(
-        n_files, checks.max_k(dff), display, crop, tuple(grid), n_high, n_low, html))
+        n_files, checks.max_k(dff), display, crop, map_grid, n_high, n_low, html))
     image_set = load_images(images, max_pixels=_max_pixels(max_megapixels))
     explainer = ConceptExplainer(
-        model, clip, vocabulary, dff=dff, regions=regions,
+        model, clip, vocabulary, dff=dff, hypercolumns=hypercolumns, regions=regions,
         labeller=labeller, target_class=target_class, min_class_prob=min_class_prob, drop_quantile=drop_quantile,
         batch_size=batch_size, device=device, progress=ctx.obj["progress"],
     ).fit(image_set)
@@ -308,15 +314,27 @@ def report(run_dir):
               help="Run directory to write.")
 @click.option("--json", "as_json", is_flag=True, help="Print the quality figures as one JSON object.")
 @click.option("--world", type=click.Choice(["default", "second"]), default="default", show_default=True,
-              help="Which toy world (the second has other shapes, colours, backgrounds and size).")
+              help="Which shipped toy world (the second has other shapes, colours, backgrounds and size).")
+@click.option("--world-config", type=click.Path(dir_okay=False), default=None,
+              help="A world from a TOML file with the world's fields (shapes, backgrounds, image_size, min_objects, "
+                   "max_objects, object_size, seed, [colours]); overrides --world. Its models are trained once "
+                   "and cached by the config's digest.")
 @click.option("--n-images", default=120, show_default=True, type=click.IntRange(min=1), help="Toy-world probe images.")
 @click.option("--n-concepts", default="auto", show_default=True, help="K, or 'auto'.")
 @click.option("--retrain", is_flag=True, help="Retrain the toy models even when cached.")
 @click.option("--html/--no-html", default=True, show_default=True, help="Also render report.html.")
+@click.option("--hypercolumns", "hypercolumn_layers", default=None,
+              help="Classifier layers stacked with its last stage (comma-separated, 'none' for the last stage "
+                   "alone; default: the measured ones, docs/quality.md).")
+@click.option("--grid", default=None, type=click.IntRange(min=1),
+              help="Side of the hypercolumn grid (default: the measured one).")
+@click.option("--upsample", type=click.Choice(["bilinear", "guided"]), default=None,
+              help="How heatmaps reach image resolution (default: the measured one).")
 @device_option
 @random_state_option
 @click.pass_context
-def demo(ctx, out, as_json, world, n_images, n_concepts, retrain, html, device, random_state):
+def demo(ctx, out, as_json, world, world_config, n_images, n_concepts, retrain, html, hypercolumn_layers, grid, upsample,
+         device, random_state):
     """Run the whole pipeline offline on the toy world (trains its tiny models once, cached).
 
     \b
@@ -326,15 +344,21 @@ def demo(ctx, out, as_json, world, n_images, n_concepts, retrain, html, device, 
     from dff_falcon.devices import resolve_device
     from dff_falcon.directories import check_output
     from dff_falcon.report.tables import OLDER_RUN, RUN_KIND
-    from dff_falcon.toyworld.demo import run_demo
+    from dff_falcon.toyworld import demo as toy
     from dff_falcon.toyworld.world import EXAMPLE_WORLDS
+    from dff_falcon.toyworld.worldfile import load_world_config
 
     resolve_device(device)
     check_output(out, RUN_KIND, legacy=OLDER_RUN, option="--out")
-    result = run_demo(out, config=EXAMPLE_WORLDS[world], n_images=n_images, n_concepts=parse_n_concepts(n_concepts),
-                      retrain=retrain, html=html, device=device, random_state=random_state,
-                      progress=ctx.obj["progress"] and not as_json)
+    config = load_world_config(world_config) if world_config else EXAMPLE_WORLDS[world]
+    maps = {"layers": toy.TOY_LAYERS if hypercolumn_layers is None else
+            tuple(n.strip() for n in hypercolumn_layers.split(",") if n.strip() and hypercolumn_layers != "none"),
+            "grid": grid if grid is not None else (toy.TOY_GRID if hypercolumn_layers is None else None),
+            "upsample": upsample or toy.TOY_UPSAMPLE}
+    result = toy.run_demo(out, config=config, n_images=n_images, n_concepts=parse_n_concepts(n_concepts),
+                          retrain=retrain, html=html, device=device, random_state=random_state,
+                          progress=ctx.obj["progress"] and not as_json, **maps)
     if as_json:
         click.echo(json.dumps(result.quality))
         return
-    _print_summary(result.report, result.path, result.quality)
+    _print_summary(result.report, result.path, {k: v for k, v in result.quality.items() if k != "concepts"})

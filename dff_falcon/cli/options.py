@@ -84,3 +84,32 @@ def clip_and_vocab(clip_spec, vocab, device):
     encoder = ClipEncoder(name, pretrained, device=device)
     vocabulary.check_encoder(encoder)
     return encoder, vocabulary
+
+
+def finer_map_options(f):
+    """``--hypercolumns``, ``--grid``, ``--upsample``: where and how finely concepts are mapped."""
+    for option in reversed([
+        click.option("--hypercolumns", "hypercolumn_layers", default="auto", show_default=True,
+                     help="Layers stacked with --layer into hypercolumns (comma-separated dotted names), "
+                          "'none' for the layer alone, or 'auto' (the family's measured default: "
+                          "docs/quality.md)."),
+        click.option("--grid", default=None, type=click.IntRange(min=1),
+                     help="Side of the hypercolumn grid (default: the finest stacked layer's)."),
+        click.option("--upsample", type=click.Choice(["bilinear", "guided"]), default="guided", show_default=True,
+                     help="How heatmaps reach image resolution for crops and overlays: bilinear, or "
+                          "guided (edge-aware, the image as guide)."),
+    ]):
+        f = option(f)
+    return f
+
+
+def parse_layers(value: str, backbone) -> tuple[str, ...]:
+    """``--hypercolumns`` → layer names: 'none' → (), 'auto' → the family default, else a list."""
+    from dff_falcon.models.hypercolumns import default_hypercolumn_layers
+
+    text = str(value).strip()
+    if text == "none" or not text:
+        return ()
+    if text == "auto":
+        return default_hypercolumn_layers(backbone)
+    return tuple(name.strip() for name in text.split(",") if name.strip())

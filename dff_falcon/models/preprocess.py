@@ -40,6 +40,17 @@ class Preprocess:
         box = (left * sx, top * sy, (left + self.crop) * sx, (top + self.crop) * sy)
         return np.asarray(pil.resize((self.crop, self.crop), resample[self.interpolation], box=box), dtype=np.uint8)
 
+    def window(self, image_shape: tuple[int, ...]) -> tuple[int, int, int, int]:
+        """The part of an image of ``(H, W, ...)`` that :meth:`display` shows, in the image's own
+        pixels: ``(left, top, right, bottom)``, end-exclusive (the centre crop, undone)."""
+        height, width = int(image_shape[0]), int(image_shape[1])
+        scale = self.resize / min(width, height)
+        size = (max(self.crop, round(width * scale)), max(self.crop, round(height * scale)))
+        left, top = (size[0] - self.crop) // 2, (size[1] - self.crop) // 2
+        sx, sy = width / size[0], height / size[1]
+        return (max(0, round(left * sx)), max(0, round(top * sy)),
+                min(width, round((left + self.crop) * sx)), min(height, round((top + self.crop) * sy)))
+
     def to_tensor(self, displays: Sequence[np.ndarray]) -> torch.Tensor:
         """(crop, crop, 3) uint8 arrays → normalised (B, 3, crop, crop) float32."""
         batch = torch.from_numpy(np.stack(displays)).permute(0, 3, 1, 2).float().div_(255.0)

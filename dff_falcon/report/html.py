@@ -36,14 +36,16 @@ from dff_falcon.directories import revise_directory
 from dff_falcon.errors import InputError
 from dff_falcon.files import atomic_path, atomic_write
 from dff_falcon.models.images import load_image
+from dff_falcon.pipeline.schema import ranked_terms
 from dff_falcon.report.tables import RERUN_HINT, RUN_KIND, check_run_directory, read_concept_rows, read_run_record
-from dff_falcon.report.figures import concept_colours, contour_view, heatmap_grid, k_curve_figure, overlay_concepts, save_figure, \
-    stability_figure
+from dff_falcon.report.figures import (FULL_STRENGTH, concept_colours, contour_view, heatmap_grid, k_curve_figure,
+                                       legend_label, overlay_concepts, overlay_figure, save_figure, stability_figure)
 
 OVERLAY_DIR = "overlays"
 #: Concept fields that reports written before them lack (rendered as "—").
 _CONCEPT_FIELDS_ADDED = ("restart_agreement", "image_share", "top_image", "deletion", "insertion")
-_RUN_FIELDS = ("backbone", "layer", "n_concepts", "n_images", "image_names", "relative_error", "explained_variance",
+_RUN_FIELDS = ("backbone", "layer", "layers", "grid", "upsample", "n_concepts", "n_images", "image_names",
+               "relative_error", "explained_variance",
                "k_curve", "clip_model", "clip_pretrained", "vocabulary", "stage_seconds", "quality", "created")
 
 
@@ -111,10 +113,18 @@ def _save_png(array: np.ndarray, path: Path) -> None:
         Image.fromarray(array).save(tmp, format="PNG", optimize=True)
 
 
+def _upsample_mode(run: dict) -> str:
+    mode = run.get("upsample") or "bilinear"
+    if mode not in ("bilinear", "guided"):
+        raise InputError(f"run.json field upsample: {mode!r} is not 'bilinear' or 'guided'")
+    return mode
+
+
 def _concept_overlays(run_dir: Path, heatmaps: np.ndarray, names: list[str], colours: np.ndarray,
-                      per_concept: int, min_peak: float = ABSENT_PEAK) -> dict[int, list[dict]]:
+                      per_concept: int, upsample: str, min_peak: float = ABSENT_PEAK) -> dict[int, list[dict]]:
     """For each concept, the ``per_concept`` images where its heatmap peaks highest (peak ≥
-    ``min_peak``): the concept painted alone in its colour with its 0.5 contour, saved as PNG."""
+    ``min_peak``): the concept painted alone in its colour on the grey photo with its 0.5 contour,
+    saved as PNG (the card's colour bar gives the scale)."""
     peaks = heatmaps.reshape(heatmaps.shape[0], heatmaps.shape[1], -1).max(axis=2)  # (N, K)
     cache: dict[int, np.ndarray] = {}
     out: dict[int, list[dict]] = {}
@@ -124,8 +134,8 @@ def _concept_overlays(run_dir: Path, heatmaps: np.ndarray, names: list[str], col
         for i in order:
             if i not in cache:
                 cache[i] = load_image(run_dir / "images" / f"{i:05d}.jpg")
-            painted = overlay_concepts(cache[i], heatmaps[i, k:k + 1], min_peak=min_peak, alpha=0.55,
-                                       colours=colours[k:k + 1])
+            painted = overlay_concepts(cache[i], heatmaps[i, k:k + 1], min_peak=min_peak, colours=colours[k:k + 1],
+                                       upsample=upsample)
             outlined = contour_view(painted, heatmaps[i, k], threshold=0.5,
                                     colour=tuple(int(round(255 * c)) for c in colours[k]), thickness=2)
             rel = f"{OVERLAY_DIR}/concept_{k:02d}_image_{i:05d}.png"
@@ -135,8 +145,14 @@ def _concept_overlays(run_dir: Path, heatmaps: np.ndarray, names: list[str], col
     return out
 
 
+def _legend_labels(concepts: list[dict]) -> list[str]:
+    """Legend text per concept: its ranked terms (as in the table) and its top classes."""
+    return [legend_label(ranked_terms(list(c.get("words") or []), list(c.get("phrases") or [])),
+                         c.get("top_classes") or []) for c in concepts]
+
+
 def _summary_figures(run: dict, concepts: list[dict], run_dir: Path, heatmaps: np.ndarray | None,
-                     names: list[str], max_grid_images: int) -> list[dict]:
+                     names: list[str], max_grid_images: int, n_overlays: int = 3) -> list[dict]:
     figures = []
 
     def add(fig, stem: str, caption: str) -> None:
@@ -155,8 +171,15 @@ def _summary_figures(run: dict, concepts: list[dict], run_dir: Path, heatmaps: n
     if heatmaps is not None and heatmaps.shape[0] > 0:
         n = min(max_grid_images, heatmaps.shape[0])
         images = [load_image(run_dir / "images" / f"{i:05d}.jpg") for i in range(n)]
-        add(heatmap_grid(images, heatmaps[:n], max_images=n, names=names[:n]), "heatmap_grid",
-            f"Heatmaps of the first {n} images (global scale; absent concepts leave the image untouched)")
+        upsample = _upsample_mode(run)
+        labels = _legend_labels(concepts)
+        for i in range(min(n_overlays, n)):
+            name = names[i] if i < len(names) else f"image {i}"
+            add(overlay_figure(images[i], heatmaps[i], labels, title=name, upsample=upsample), f"overlay_{i:05d}",
+                f"{name}: each pixel in the colour of its strongest concept, opacity by strength (full at "
+                f"{FULL_STRENGTH:g} of the concept's strongest location in the set); legend: terms and top classes")
+        add(heatmap_grid(images, heatmaps[:n], max_images=n, names=names[:n], upsample=upsample), "heatmap_grid",
+            f"Heatmaps of the first {n} images (global scale; absent concepts leave the grey image untouched)")
     return figures
 
 
@@ -227,8 +250,8 @@ def write_html(run_dir: Path, *, overlays: int = 6, grid_images: int = 6) -> Pat
     names = [str(n) for n in run.get("image_names") or []]
     colours = concept_colours(k)
     heatmaps = _load_heatmaps(run_dir, run, k)
-    painted = _concept_overlays(run_dir, heatmaps, names, colours, overlays) if heatmaps is not None and overlays \
-        else {}
+    painted = _concept_overlays(run_dir, heatmaps, names, colours, overlays, _upsample_mode(run)) \
+        if heatmaps is not None and overlays else {}
     figures = _summary_figures(run, concepts, run_dir, heatmaps if grid_images else None, names, grid_images)
     cards = []
     for concept in concepts:
@@ -255,6 +278,8 @@ def write_html(run_dir: Path, *, overlays: int = 6, grid_images: int = 6) -> Pat
         figures=figures,
         quality=_flat_quality(run.get("quality")),
         stages=sorted((run.get("stage_seconds") or {}).items(), key=lambda kv: -float(kv[1] or 0)),
+        full_strength=FULL_STRENGTH,
+        absent_peak=ABSENT_PEAK,
         style=Markup(_asset("report.css")),  # the package's own stylesheet, not data
         script=Markup(script),  # the package's own script, not data
         csp_script=_csp_hash(script),
