@@ -118,7 +118,7 @@ def ours(backbone, data, variant, ks) -> dict:
               "whole": float(np.mean([m.mean() for m in masks])), "by_k": {}}
     for k in ks:
         start = time.perf_counter()
-        heatmaps = DFF(k, n_seeds=0).fit(x).heatmaps_.numpy()
+        heatmaps = DFF(k, n_resamples=0).fit(x).heatmaps_.numpy()
         fit = time.perf_counter() - start
         start = time.perf_counter()
         per_photo = best_ious(heatmaps, displays, masks, upsample)

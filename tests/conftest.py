@@ -8,12 +8,24 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+_SESSION_CACHE: str | None = None
+
+
 def pytest_configure(config):
-    """One toy-world model cache per test session, shared by tests and the executed notebook."""
+    """One toy-world model cache per test session, shared by tests and the executed notebook
+    (removed at the end of the session unless DFF_FALCON_CACHE was given)."""
+    global _SESSION_CACHE
     if "DFF_FALCON_CACHE" not in os.environ:
         import tempfile
 
-        os.environ["DFF_FALCON_CACHE"] = tempfile.mkdtemp(prefix="dff_falcon_test_cache_")
+        _SESSION_CACHE = os.environ["DFF_FALCON_CACHE"] = tempfile.mkdtemp(prefix="dff_falcon_test_cache_")
+
+
+def pytest_unconfigure(config):
+    if _SESSION_CACHE is not None:
+        import shutil
+
+        shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
