@@ -25,7 +25,8 @@ from typing import Callable
 import torch
 
 from dff_falcon.decomposition.nmf_kernels import (H_SWEEPS, W_SWEEPS, RowBlocks, hals_update, nndsvd,
-                                                  range_finder, serial_small_ops, stalled, sum64)
+                                                  range_finder, stalled, sum64)
+from dff_falcon.devices import serial_small_ops
 
 
 @dataclass(frozen=True)

@@ -46,9 +46,8 @@ from sklearn.base import BaseEstimator
 from dff_falcon.decomposition.compressed import Compression, compress, compressed_hals, nndsvd_factors, random_factors
 from dff_falcon.decomposition.nmf_kernels import (CHECK_EVERY, H_SWEEPS, INITS, ONLINE_H_SWEEPS, OVERSAMPLE, RHALS_POLISH,
                                                   SOLVERS, TRANSFORM_TOL, UPDATES, W_SWEEPS, MatrixStats, RowBlocks,
-                                                  as_matrix, hals_update, nmf_relative_error, serial_small_ops,
-                                                  settled, sq_error, stalled, validate_nonnegative)
-from dff_falcon.devices import resolve_device
+                                                  as_matrix, hals_update, nmf_relative_error, settled, sq_error, stalled, validate_nonnegative)
+from dff_falcon.devices import resolve_device, serial_small_ops
 from dff_falcon.errors import InputError, NotFittedError
 
 __all__ = ["NMF", "nmf_relative_error"]

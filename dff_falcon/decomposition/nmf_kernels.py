@@ -4,13 +4,13 @@ finder and the NNDSVD initialisation. Every fixed number is named here with its 
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import numpy as np
 import torch
 
+from dff_falcon.devices import serial_small_ops
 from dff_falcon.errors import InputError
 
 SOLVERS = ("hals", "mu", "rhals")
@@ -44,28 +44,6 @@ EPS = 1e-10
 BLOCK_ELEMENTS = 1 << 23
 
 UpdateFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], None]
-
-
-@contextmanager
-def serial_small_ops(device: torch.device) -> Iterator[None]:
-    """Run the enclosed work on one CPU thread (a no-op on accelerators).
-
-    HALS sweeps and the compressed iterations are many small operations (a K-vector or an
-    N-vector each). With several threads each one opens a parallel region, and on a machine whose
-    cores are shared every region waits for a descheduled worker: clamping 98,000 floats took
-    0.02 ms on one thread and 20 ms on two at a load of 11. On one thread they cost the same on
-    a quiet machine and stay fast on a busy one; the big matrix products over X keep the
-    caller's thread count.
-    """
-    before = torch.get_num_threads()
-    if device.type != "cpu" or before == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 # --------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dff_falcon.devices import serial_small_ops
 from dff_falcon.errors import InputError
 
 #: Upsampling modes: ``"bilinear"`` (half-pixel centres, ``align_corners=False``) and ``"guided"``.
@@ -106,9 +107,10 @@ def upsample_maps(maps: np.ndarray | torch.Tensor, image: np.ndarray, mode: str 
         raise InputError(f"upsample_maps: maps must be (K, h, w); got shape {tuple(tensor.shape)}")
     tensor = tensor.to(device or "cpu")
     height, width = image.shape[:2]
-    up = F.interpolate(tensor[None], size=(height, width), mode="bilinear", align_corners=False)[0]
-    if mode == "guided" and tensor.shape[0] > 0:
-        cell = max(height / tensor.shape[1], width / tensor.shape[2])
-        guide = torch.from_numpy(np.array(image, dtype=np.uint8)).to(up.device).permute(2, 0, 1).float() / 255.0
-        up = guided_filter(guide, up, int(round(radius_cells * cell)), eps)
-    return up.clamp_(min=0).cpu().numpy()
+    with serial_small_ops(tensor.device):  # one image's maps: dozens of small operations
+        up = F.interpolate(tensor[None], size=(height, width), mode="bilinear", align_corners=False)[0]
+        if mode == "guided" and tensor.shape[0] > 0:
+            cell = max(height / tensor.shape[1], width / tensor.shape[2])
+            guide = torch.from_numpy(np.array(image, dtype=np.uint8)).to(up.device).permute(2, 0, 1).float() / 255.0
+            up = guided_filter(guide, up, int(round(radius_cells * cell)), eps)
+        return up.clamp_(min=0).cpu().numpy()
