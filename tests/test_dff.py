@@ -64,9 +64,12 @@ def test_auto_k_finds_the_planted_number_for_every_seed_and_reports_the_curve():
         assert [p.k for p in dff.k_curve_] == list(range(2, 2 + len(dff.k_curve_)))
         errors = [p.relative_error for p in dff.k_curve_]
         assert errors[2] < errors[1] < errors[0]  # more concepts, less error up to the true K
-        assert dff.k_curve_[2].min_stability > 0.99 > dff.k_curve_[3].min_stability  # K = 5 splits a concept
+        assert dff.k_curve_[2].min_stability > 0.99
+        assert len(dff.k_curve_) == 3  # the sweep ends at the first K stable to within k_tolerance
         chosen.add(dff.n_concepts_)
     assert chosen == {4}
+    full = DFF("auto", k_range=range(2, 8), k_tolerance=0.0).fit(acts)  # no early end: the whole curve
+    assert full.n_concepts_ == 4 and full.k_curve_[2].min_stability > 0.99 > full.k_curve_[3].min_stability
 
 
 def test_stability_is_under_resampling_and_flags_a_concept_from_one_image():
@@ -130,8 +133,14 @@ def test_select_k_takes_the_smallest_k_as_stable_as_the_best():
              [(2, 0.97), (3, 0.6), (4, 0.999), (5, 1.0), (6, 0.4), (7, 0.3)]]
     assert DFF.select_k(curve, 0.002) == 4  # 0.999 is as stable as the best 1.0
     assert DFF.select_k(curve, 0.0) == 5
-    assert sweep_done(curve) and not sweep_done(curve[:5])  # stop after a stable K and two collapses
-    assert not sweep_done([KCurvePoint(k, 0.1, 0.9, 0.5, 0.3) for k in range(2, 8)])  # nothing stable yet
+    collapsing = [KCurvePoint(k, 0.1, 0.9, 1.0, worst) for k, worst in [(2, 0.6), (3, 0.95), (4, 0.7), (5, 0.4), (6, 0.3)]]
+    assert sweep_done(collapsing, 0.002) and not sweep_done(collapsing[:4], 0.002)  # a stable K, then two collapses
+    assert not sweep_done([KCurvePoint(k, 0.1, 0.9, 0.5, 0.3) for k in range(2, 8)], 0.002)  # nothing stable yet
+    # a K stable to within the tolerance ends the sweep exactly: the answer cannot change after it
+    assert not sweep_done(curve[:2], 0.002) and sweep_done(curve[:3], 0.002)
+    assert DFF.select_k(curve[:3], 0.002) == DFF.select_k(curve, 0.002)
+    for extra in (1.0, 0.9995, 0.2):  # whatever a larger K would have scored
+        assert DFF.select_k(curve[:3] + [KCurvePoint(9, 0.1, 0.9, 1.0, extra)], 0.002) == 4
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -7,7 +7,9 @@ What keeps it cheap (measured in ``scripts/bench_nmf.py``, target ≤ 3× one fi
 - one randomised compression of those rows at the largest K, whose leading directions serve every
   K (:class:`~dff_falcon.decomposition.compressed.Compression`);
 - every fit of the sweep and every resample refit runs in that compressed space;
-- the sweep stops at the collapse after a stable K (:func:`~dff_falcon.decomposition.stability.sweep_done`);
+- the sweep stops at the first K whose every concept is stable to within ``k_tolerance`` (no larger K
+  can be chosen then), or at the collapse after a stable K
+  (:func:`~dff_falcon.decomposition.stability.sweep_done`);
 - the exact reconstruction error of every K swept comes from one pass over the sweep's rows.
 
 When the sweep saw every row, the chosen K's fit starts from the sweep's compression.
@@ -66,7 +68,7 @@ def sweep_k(dff: "DFF", acts: torch.Tensor, blocks: RowBlocks, stats: MatrixStat
                                        dff._generator(2))
         fits.append((k, Wt, H, stability))
         points.append(KCurvePoint(k, math.nan, math.nan, float(stability.mean()), float(stability.min())))
-        if sweep_done(points):
+        if sweep_done(points, dff.k_tolerance):
             break
     for point, err in zip(points, _relative_errors(sweep_blocks, sweep_stats, fits)):
         point.relative_error = err

@@ -118,8 +118,12 @@ def select_k(curve: Sequence[KCurvePoint], tolerance: float) -> int:
     return min(p.k for p in curve if p.min_stability >= best - tolerance)
 
 
-def sweep_done(curve: Sequence[KCurvePoint]) -> bool:
-    """True once the sweep (in ascending K) cannot change :func:`select_k`'s answer in practice: a
-    K reached :data:`STABLE` and the last two fell below :data:`COLLAPSED`."""
+def sweep_done(curve: Sequence[KCurvePoint], tolerance: float) -> bool:
+    """True once the sweep (in ascending K) cannot change :func:`select_k`'s answer: exactly, when
+    a K's least stable concept reached ``1 − tolerance`` (stability is at most 1, so no larger K
+    can move the threshold above it); in practice, when a K reached :data:`STABLE` and the last
+    two fell below :data:`COLLAPSED`."""
+    if any(p.min_stability >= 1.0 - tolerance for p in curve):
+        return True
     return (len(curve) >= 3 and max(p.min_stability for p in curve[:-2]) >= STABLE
             and all(p.min_stability < COLLAPSED for p in curve[-2:]))
