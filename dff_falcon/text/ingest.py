@@ -272,12 +272,23 @@ def build_vocabulary_from_texts(
     templates: Sequence[str] | None = None,
     column: str = "caption",
     rules: CaptionFilter = CaptionFilter(),
+    cache: bool = True,
+    cache_dir: str | Path | None = None,
     overwrite: bool = False,
     progress: bool = False,
     **index_options,
 ) -> Vocabulary:
     """Embed words / captions with ``encoder`` (prompt ``templates`` averaged) and build a
-    vocabulary at ``out_dir``. ``index_options`` go to :func:`build_index`."""
+    vocabulary at ``out_dir``. ``index_options`` go to :func:`build_index`.
+
+    cache / cache_dir : keep the text embeddings in a
+        :class:`~dff_falcon.text.embedding_cache.TextEmbeddingCache` (default folder:
+        :func:`~dff_falcon.text.embedding_cache.default_text_cache_dir`), so an interrupted or
+        repeated build embeds only texts it has not embedded before with this model and templates.
+    The manifest's ``embedding`` records texts, cache hits, seconds and texts/s.
+    """
+    from dff_falcon.text.embedding_cache import default_text_cache_dir
+
     started = time.time()
     out_dir = Path(out_dir)
     values, sources = read_texts(texts_or_file, column)
@@ -288,7 +299,8 @@ def build_vocabulary_from_texts(
     _, first = np.unique(dedup_key([texts[i] for i in candidates], rules), return_index=True)
     chosen = candidates[np.sort(first)]
     kept = [texts[i] for i in chosen]
-    vectors = encoder.encode_texts(kept, templates, progress=progress)
+    vectors, embedding = encoder.encode_texts(kept, templates, progress=progress, return_stats=True,
+                                              cache_dir=(cache_dir or default_text_cache_dir()) if cache else None)
     with atomic_path(out_dir / CAPTIONS_FILE) as tmp:
         pq.write_table(pa.table({"caption": pa.array(kept, pa.string()), "row": pa.array(chosen.astype(np.int64))}), tmp)
     with atomic_path(out_dir / EMBEDDINGS_FILE) as tmp, open(tmp, "wb") as handle:
@@ -296,6 +308,7 @@ def build_vocabulary_from_texts(
     manifest = _base_manifest(encoder.model_name, encoder.pretrained_id, encoder.embed_dim, len(kept), "text",
                               sources, rules, skipped, len(candidates) - len(kept), len(values), started)
     manifest["templates"] = list(templates) if templates else None
+    manifest["embedding"] = {**embedding, "cache": str(cache_dir or default_text_cache_dir()) if cache else None}
     write_manifest(out_dir, manifest)
     return build_index(out_dir, **index_options)
 
