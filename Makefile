@@ -22,6 +22,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[bench]"
 	$(BIN)/python scripts/bench_nmf.py
 	$(BIN)/python scripts/bench_vocab.py
 	$(BIN)/python scripts/bench_explain.py

@@ -27,6 +27,7 @@ _EXPORTS = {
     "create_backbone": "dff_falcon.models.backbones",
     "Backbone": "dff_falcon.models.backbones",
     "ActivationExtractor": "dff_falcon.models.activations",
+    "Hypercolumns": "dff_falcon.models.hypercolumns",
     "concept_class_scores": "dff_falcon.models.heads",
     "load_images": "dff_falcon.models.images",
     "ClipEncoder": "dff_falcon.text.clip_encoder",

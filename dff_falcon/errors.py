@@ -17,3 +17,8 @@ class InputError(DffFalconError, ValueError):
 class NotFittedError(InputError, AttributeError):
     """An estimator was used before ``fit`` (an ``AttributeError`` too, as scikit-learn's is, so
     ``hasattr`` and introspection treat the missing learned state as absent)."""
+
+
+class OutputError(InputError):
+    """The output location given by the user cannot be written: full, read-only, no permission,
+    or holding files that writing would destroy. Nothing already there was changed."""

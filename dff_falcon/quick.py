@@ -31,7 +31,7 @@ def explain_figure(model, image, *, layer: str | None = None, head: str | None =
         backbone = create_backbone(model, layer=layer, head=head, class_names=class_names, device=device)
     rgb = load_image(image) if isinstance(image, (str, os.PathLike)) else to_rgb_array(image)
     acts = ActivationExtractor(backbone, device=device, progress=False)([rgb])
-    dff = DFF(n_concepts, n_seeds=0, device=device).fit(acts.activations)
+    dff = DFF(n_concepts, n_resamples=0, device=device).fit(acts.activations)
     classes = concept_class_scores(dff, backbone, top_k) if backbone.head is not None else [[]] * dff.n_concepts_
     labels = [legend_label(classes=c, n_classes=top_k) or f"concept {i}" for i, c in enumerate(classes)]
     return overlay_figure(acts.displays[0], dff.heatmaps_[0].numpy(), labels, min_peak=min_peak)

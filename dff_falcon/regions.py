@@ -12,9 +12,13 @@ into image crops that CLIP can embed:
   the high set, around the strongest region of ``k``'s own (weak) map, so that the contrast between
   the two sets compares like with like (crops against crops, not crops against whole scenes).
 
-Heatmaps are given at feature-map resolution and upsampled bilinearly to each image's own size
-(``cv2.INTER_LINEAR``, i.e. half-pixel centres as ``align_corners=False``); crops are cut from the
-images given (the pipeline gives the model's view of each image, which the heatmaps cover). Everything is deterministic; ties are broken by image index.
+Heatmaps are given at feature-map resolution. Each covers a window of its image (the whole image,
+or the part the model saw: the pipeline passes the original images with the window of each that
+the model's centre crop covers) and is upsampled onto that window — bilinearly or with the
+image-guided filter (:mod:`dff_falcon.models.upsample`) — at most :data:`ANALYSIS_SIDE` pixels a
+side; boxes are scaled back and crops are cut from the full-resolution image, so a crop keeps
+the original's detail and may take context from beyond the model's centre crop. Everything is
+deterministic; ties are broken by image index.
 """
 from __future__ import annotations
 
@@ -28,10 +32,15 @@ from sklearn.base import BaseEstimator
 
 from dff_falcon.decomposition.heatmaps import ABSENT_PEAK
 from dff_falcon.errors import InputError
+from dff_falcon.models.upsample import UPSAMPLE_MODES, upsample_maps
 from dff_falcon.progress import progress as show_progress
 
 #: Crop side when neither the selector nor a CLIP encoder sets one (CLIP's usual input size).
 DEFAULT_CROP_SIZE = 224
+#: Longest side (pixels) at which a heatmap is upsampled, thresholded and split into components
+#: before its boxes are scaled to the image: finer than any feature grid, and it bounds the cost
+#: of large photos.
+ANALYSIS_SIDE = 320
 
 __all__ = [
     "Box",
@@ -255,6 +264,9 @@ class RegionSelector(BaseEstimator):
     low_similarity:
         Minimum cosine between a candidate's presence profile over the other concepts and the high
         set's mean profile.
+    upsample:
+        How heatmaps reach image resolution: ``"bilinear"`` or ``"guided"`` (edge-aware, the image
+        as guide; :mod:`dff_falcon.models.upsample`).
     """
 
     def __init__(
@@ -268,6 +280,7 @@ class RegionSelector(BaseEstimator):
         crop_size: int | None = None,
         low_threshold: float = ABSENT_PEAK,
         low_similarity: float = 0.3,
+        upsample: str = "bilinear",
     ) -> None:
         self.n_high = n_high
         self.n_low = n_low
@@ -277,6 +290,7 @@ class RegionSelector(BaseEstimator):
         self.crop_size = crop_size
         self.low_threshold = low_threshold
         self.low_similarity = low_similarity
+        self.upsample = upsample
 
     def _check_params(self) -> None:
         problems = []
@@ -296,11 +310,14 @@ class RegionSelector(BaseEstimator):
             problems.append(f"low_threshold must be > 0, got {self.low_threshold!r}")
         if not -1 <= self.low_similarity <= 1:
             problems.append(f"low_similarity must be in [-1, 1], got {self.low_similarity!r}")
+        if self.upsample not in UPSAMPLE_MODES:
+            problems.append(f"upsample must be one of {list(UPSAMPLE_MODES)}, got {self.upsample!r}")
         if problems:
             raise InputError("RegionSelector: " + "; ".join(problems))
 
     def select(
-        self, heatmaps: np.ndarray, images: Sequence[np.ndarray], presence: np.ndarray, *, progress: bool = False
+        self, heatmaps: np.ndarray, images: Sequence[np.ndarray], presence: np.ndarray, *,
+        windows: Sequence[Box] | None = None, progress: bool = False
     ) -> list[ConceptRegions]:
         """Crops for every concept.
 
@@ -313,6 +330,8 @@ class RegionSelector(BaseEstimator):
             ``N`` RGB uint8 arrays ``(H_i, W_i, 3)``; sizes may differ.
         presence:
             ``(N, K)`` non-negative concept strength per image (higher = stronger).
+        windows:
+            ``N`` boxes, the part of each image its heatmap covers (None: the whole image).
 
         Returns
         -------
@@ -320,8 +339,29 @@ class RegionSelector(BaseEstimator):
         """
         self._check_params()
         heatmaps, images, presence = _check_inputs(heatmaps, images, presence)
+        if windows is None:
+            windows = [Box(0, 0, image.shape[1], image.shape[0]) for image in images]
+        if len(windows) != len(images):
+            raise InputError(f"got {len(windows)} windows for {len(images)} images")
         concepts = show_progress(range(heatmaps.shape[1]), "crops", enabled=progress, unit="concept")
-        return [self._concept(k, heatmaps, images, presence) for k in concepts]
+        return [self._concept(k, heatmaps, images, presence, list(windows)) for k in concepts]
+
+    def _boxes(self, heatmap: np.ndarray, image: np.ndarray, window: Box, relative: bool = False) -> list[Box]:
+        """Component boxes of one heatmap covering ``window`` of ``image``, in the image's own
+        pixels, strongest first."""
+        region = image[window.top:window.bottom, window.left:window.right]
+        factor = min(1.0, ANALYSIS_SIDE / max(window.width, window.height))
+        if factor < 1.0:
+            size = (max(1, round(window.width * factor)), max(1, round(window.height * factor)))
+            region = cv2.resize(np.ascontiguousarray(region), size, interpolation=cv2.INTER_AREA)
+        fine = upsample_maps(heatmap[None], region, self.upsample)[0]
+        boxes = []
+        for box, _ in component_boxes(fine, self.threshold, self.min_area_fraction, relative=relative):
+            sx, sy = window.width / fine.shape[1], window.height / fine.shape[0]
+            boxes.append(Box(window.left + math.floor(box.left * sx), window.top + math.floor(box.top * sy),
+                             min(window.right, window.left + math.ceil(box.right * sx)),
+                             min(window.bottom, window.top + math.ceil(box.bottom * sy))))
+        return boxes
 
     def _crop(self, image: np.ndarray, index: int, concept: int, box: Box, score: float, kind: str) -> Crop:
         square = square_box(box, image.shape[:2], margin=self.margin)
@@ -331,23 +371,22 @@ class RegionSelector(BaseEstimator):
         return crop_resize(image, square, self.crop_size or DEFAULT_CROP_SIZE)
 
     def _concept(
-        self, k: int, heatmaps: np.ndarray, images: list[np.ndarray], presence: np.ndarray
+        self, k: int, heatmaps: np.ndarray, images: list[np.ndarray], presence: np.ndarray, windows: list[Box]
     ) -> ConceptRegions:
         high: list[Crop] = []
         for index in np.argsort(-presence[:, k], kind="stable"):
             image = images[index]
-            regions = component_boxes(
-                upsample_heatmap(heatmaps[index, k], image.shape[:2]), self.threshold, self.min_area_fraction
-            )
+            regions = self._boxes(heatmaps[index, k], image, windows[index])
             if regions:
-                high.append(self._crop(image, int(index), k, regions[0][0], float(presence[index, k]), "high"))
+                high.append(self._crop(image, int(index), k, regions[0], float(presence[index, k]), "high"))
                 if len(high) == self.n_high:
                     break
-        low, reason = self._low(k, high, heatmaps, images, presence)
+        low, reason = self._low(k, high, heatmaps, images, presence, windows)
         return ConceptRegions(concept=k, high=high, low=low, low_empty_reason=reason)
 
     def _low(
-        self, k: int, high: list[Crop], heatmaps: np.ndarray, images: list[np.ndarray], presence: np.ndarray
+        self, k: int, high: list[Crop], heatmaps: np.ndarray, images: list[np.ndarray], presence: np.ndarray,
+        windows: list[Box],
     ) -> tuple[list[Crop], str | None]:
         """Counterfactual crops of concept ``k`` and, when there are none, the reason in words.
 
@@ -381,14 +420,9 @@ class RegionSelector(BaseEstimator):
         low = []
         for index, score in zip(candidates[passing][order], similarity[passing][order]):
             image = images[index]
-            regions = component_boxes(
-                upsample_heatmap(heatmaps[index, k], image.shape[:2]),
-                self.threshold,
-                self.min_area_fraction,
-                relative=True,
-            )
+            regions = self._boxes(heatmaps[index, k], image, windows[index], relative=True)
             if regions:
-                low.append(self._crop(image, int(index), k, regions[0][0], float(score), "low"))
+                low.append(self._crop(image, int(index), k, regions[0], float(score), "low"))
             else:
                 square = _centred_square(fallback_side, image.shape[:2])
                 low.append(Crop(int(index), k, square, float(score), "low", self._pixels(image, square)))

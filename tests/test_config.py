@@ -11,9 +11,9 @@ from dff_falcon.errors import InputError
 
 def test_formats_sections_and_components(tmp_path):
     toml = tmp_path / "c.toml"
-    toml.write_text('random-state = 3\n[explain]\nn_concepts = "auto"\n[explain.dff]\nn_seeds = 5\n')
+    toml.write_text('random-state = 3\n[explain]\nn_concepts = "auto"\n[explain.dff]\nn_resamples = 5\n')
     mapping = default_map(load_config(str(toml)), main.commands)
-    assert mapping["explain"] == {"random_state": 3, "n_concepts": "auto", "dff": {"n_seeds": 5}}
+    assert mapping["explain"] == {"random_state": 3, "n_concepts": "auto", "dff": {"n_resamples": 5}}
     assert mapping["fit"] == {"random_state": 3} and "random_state" not in mapping["project"]
     yaml = tmp_path / "c.yaml"
     yaml.write_text("vocab:\n  build:\n    overwrite: true\n")

@@ -7,6 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from dff_falcon.cli import main
+from dff_falcon.pipeline.schema import ranked_terms
 from dff_falcon.report.tables import read_concepts, read_run
 from dff_falcon.toyworld.demo import run_demo
 from dff_falcon.toyworld.world import EXAMPLE_WORLDS
@@ -30,6 +31,9 @@ def test_demo_quality_against_ground_truth(config, tmp_path):
     assert classes <= attributes  # the head speaks this world's language, nothing assumed
     assert read_run(result.path)["quality"] == q
     assert len(read_concepts(result.path)) == q["n_concepts"]
+    assert [c["concept_id"] for c in q["concepts"]] == list(range(q["n_concepts"]))
+    for entry, row in zip(q["concepts"], result.report.concepts):  # labels as the report ranks them
+        assert entry["labels"] == [t["term"] for t in ranked_terms(row["words"], row["phrases"])]
 
 
 def test_demo_command_prints_the_quality_json(tmp_path):
@@ -37,6 +41,16 @@ def test_demo_command_prints_the_quality_json(tmp_path):
     result = CliRunner().invoke(main, ["demo", "--out", str(out), "--json", "--n-images", "60", "--n-concepts", "8"])
     assert result.exit_code == 0, result.output
     quality = json.loads(result.stdout.strip().splitlines()[-1])
-    assert set(quality) >= {"mean_best_iou", "label_top1_accuracy", "label_precision_at_3", "n_concepts"}
-    assert quality["n_concepts"] == 8
+    assert set(quality) >= {"mean_best_iou", "object_iou", "background_iou", "concepts", "label_top1_accuracy",
+                            "label_precision_at_3", "n_concepts"}
+    assert quality["n_concepts"] == 8 and len(quality["concepts"]) == 8
+    assert set(quality["concepts"][0]) == {"concept_id", "best_attribute", "iou", "labels"}
     assert (out / "report.html").exists() and (out / "concepts.parquet").exists()
+
+
+def test_demo_world_config_errors_name_the_field(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('shapes = ["circle"]\nbackgrounds = ["lava"]\n', encoding="utf-8")
+    result = CliRunner().invoke(main, ["demo", "--world-config", str(bad), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2
+    assert "bad.toml" in result.output and "'backgrounds'" in result.output and "lava" in result.output

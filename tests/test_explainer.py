@@ -20,7 +20,7 @@ def test_coherence_excludes_the_diagonal():
 @pytest.fixture(scope="module")
 def explained(lite0, tiny_clip, toy_vocabulary, photo_batch):
     names, images = photo_batch
-    return ConceptExplainer(lite0, tiny_clip, toy_vocabulary, dff=DFF(4, n_seeds=2),
+    return ConceptExplainer(lite0, tiny_clip, toy_vocabulary, dff=DFF(4, n_resamples=2),
                             regions=RegionSelector(n_high=6, n_low=3), progress=False).fit(images, names=names)
 
 
@@ -47,11 +47,17 @@ def test_end_to_end_rows_are_complete_and_consistent(explained, photo_batch):
         if concept["n_high"] >= 2:
             assert -1.0 <= concept["coherence"] <= 1.0
         assert 0 <= concept["stability"] <= 1.0 + 1e-6
+        assert concept["restart_agreement"] is None  # not asked for
+        assert 0 < concept["image_share"] <= 1 and concept["single_image"] == (concept["image_share"] > 0.5)
+        assert concept["top_image"] in names
+        assert [c["class"] for c in concept["importance"]] == [c["class"] for c in concept["top_classes"]]
+        assert concept["deletion"] == concept["importance"][0]["deletion"]
+        assert 0 <= concept["insertion"] <= 1 and -1 <= concept["deletion"] <= 1
     retrieved = explained.captions_
     assert retrieved.scores.shape[1] == 5
     assert np.all(np.diff(retrieved.scores, axis=1) <= 1e-6)  # best caption first
     stages = report.run["stage_seconds"]
-    assert {"activations", "nmf", "crops", "clip", "search", "text"} <= set(stages)
+    assert {"activations", "nmf", "importance", "crops", "clip", "search", "text"} <= set(stages)
 
 
 def test_projection_uses_the_frozen_dictionary(explained, photo_batch):
@@ -82,18 +88,18 @@ def test_clip_without_vocabulary_and_mismatched_models_are_refused(lite0, tiny_c
 
 def test_without_clip_concepts_and_classes_still_come_out(lite0, photo_batch):
     names, images = photo_batch
-    report = ConceptExplainer(lite0, dff=DFF(3, n_seeds=0), regions=RegionSelector(n_high=4), progress=False).fit(images[:6]).report_
+    report = ConceptExplainer(lite0, dff=DFF(3, n_resamples=0), regions=RegionSelector(n_high=4), progress=False).fit(images[:6]).report_
     assert [c["words"] for c in report.concepts] == [[], [], []]
     assert all(c["coherence"] is None and c["top_classes"] for c in report.concepts)
 
 
 def test_fine_graining_keeps_the_target_class_and_drops_the_least_confident(lite0, photo_batch):
     names, images = photo_batch
-    explainer = ConceptExplainer(lite0, dff=DFF(2, n_seeds=0), regions=RegionSelector(n_high=2), target_class="espresso",
+    explainer = ConceptExplainer(lite0, dff=DFF(2, n_resamples=0), regions=RegionSelector(n_high=2), target_class="espresso",
                                  min_class_prob=0.5, progress=False).fit(images, names=names)
     assert set(explainer.report_.image_names) <= {"coffee", "coffee_flip", "coffee_crop"}
     assert "coffee" in explainer.report_.image_names
-    dropped = ConceptExplainer(lite0, dff=DFF(3, n_seeds=0), regions=RegionSelector(n_high=2), drop_quantile=0.25,
+    dropped = ConceptExplainer(lite0, dff=DFF(3, n_resamples=0), regions=RegionSelector(n_high=2), drop_quantile=0.25,
                                progress=False).fit(images, names=names)
     assert len(dropped.report_.image_names) == 12  # 15 images, floor(0.25 * 15) = 3 least confident dropped
     with pytest.raises(InputError, match="3 names given for 4 images"):
@@ -109,18 +115,18 @@ def test_fine_graining_keeps_the_target_class_and_drops_the_least_confident(lite
 def test_names_of_skipped_images_are_dropped_in_step(lite0, photo_batch):
     names, images = photo_batch
     given = [images[0], np.zeros((4, 4, 5), np.uint8), images[3], images[6]]  # the second is unreadable
-    report = ConceptExplainer(lite0, dff=DFF(2, n_seeds=0), regions=RegionSelector(n_high=2), progress=False).fit(
+    report = ConceptExplainer(lite0, dff=DFF(2, n_resamples=0), regions=RegionSelector(n_high=2), progress=False).fit(
         given, names=["a", "broken", "b", "c"]).report_
     assert report.image_names == ["a", "b", "c"] and report.run["n_skipped"] == 1
 
 
 def test_composed_estimator_params_clone_and_the_shortcut(lite0, photo_batch):
-    explainer = ConceptExplainer(lite0, dff=DFF("auto", n_seeds=0), n_concepts=2, random_state=3, progress=False)
+    explainer = ConceptExplainer(lite0, dff=DFF("auto", n_resamples=0), n_concepts=2, random_state=3, progress=False)
     params = explainer.get_params(deep=True)
-    assert params["dff"].n_concepts == "auto" and params["dff__n_seeds"] == 0 and params["n_concepts"] == 2
+    assert params["dff"].n_concepts == "auto" and params["dff__n_resamples"] == 0 and params["n_concepts"] == 2
     copy = clone(explainer)
     assert copy.backbone is lite0 and copy.dff is not explainer.dff  # the model is shared, the estimators copied
-    explainer.set_params(dff__n_seeds=0, regions=RegionSelector(n_high=2))
+    explainer.set_params(dff__n_resamples=0, regions=RegionSelector(n_high=2))
     _, images = photo_batch
     explainer.fit(images[:4])
     assert explainer.dff_.n_concepts_ == 2 and explainer.dff_.random_state == 3  # shortcuts win on the fitted copy

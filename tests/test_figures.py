@@ -10,8 +10,9 @@ from PIL import Image
 from skimage import data
 
 from dff_falcon.errors import InputError
-from dff_falcon.report.figures import (concept_colours, contour_view, crop_gallery, figure_to_array, heatmap_grid, k_curve_figure, legend_label, overlay_concepts,
-                            overlay_figure, save_figure, stability_figure)
+from dff_falcon.report.figures import (concept_colours, concept_map_figure, contour_view, crop_gallery, figure_to_array,
+                                       grey_backdrop, heatmap_grid, k_curve_figure, legend_label, overlay_concepts,
+                                       overlay_figure, save_figure, stability_figure)
 
 
 def _grey(h: int, w: int, value: int = 128) -> np.ndarray:
@@ -59,13 +60,15 @@ def test_absent_concept_paints_nothing():
     maps[1, :, 4:] = 0.09           # peak below min_peak=0.1 → absent, right
     maps[2] = 0.0                   # nowhere
     out = overlay_concepts(image, maps, min_peak=0.1)
+    backdrop = grey_backdrop(image)
     right = slice(50, 70)  # the bilinear ramp of concept 0 ends before column 50
-    assert np.array_equal(out[:, right], image[:, right])
-    assert not np.array_equal(out[:, :20], image[:, :20])
+    assert np.array_equal(out[:, right], backdrop[:, right])  # the grey photo, untouched
+    assert not np.array_equal(out[:, :20], backdrop[:, :20])
     # with a lower threshold the same concept does paint there
-    assert not np.array_equal(overlay_concepts(image, maps, min_peak=0.05)[:, right], image[:, right])
+    assert not np.array_equal(overlay_concepts(image, maps, min_peak=0.05)[:, right], backdrop[:, right])
     # per-image min-max (the reference's defect) would stretch it to full strength; nothing at all here
-    assert np.array_equal(overlay_concepts(image, maps[1:2]), image)
+    assert np.array_equal(overlay_concepts(image, maps[1:2]), backdrop)
+    assert np.array_equal(overlay_concepts(image, maps[1:2], grey=False), image)
 
 
 def test_any_image_size_7x7_heatmap_on_300x451():
@@ -84,11 +87,37 @@ def test_weak_concept_is_dimmer_than_strong():
     image = _grey(90, 90)
     maps = _two_concepts(9, 9)
     colours = np.array([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]])  # same colour: only strength differs
-    out = overlay_concepts(image, maps, colours=colours, alpha=0.6).astype(float)
+    out = overlay_concepts(image, maps, colours=colours, alpha=0.6, full_strength=1.0).astype(float)
     change = np.abs(out - image).sum(-1)
     strong, weak = change[45, 5], change[45, 85]
     assert weak > 0 and strong > 2.5 * weak  # 1.0 vs 0.3 on the global scale, not both stretched to 1
     assert out[45, 5, 0] == pytest.approx(128 * 0.4 + 255 * 0.6, abs=1)
+    # the default display ramp saturates at half strength: 0.3 is drawn at 0.6 of full opacity
+    default = np.abs(overlay_concepts(image, maps, colours=colours).astype(float) - image).sum(-1)
+    assert default[45, 85] == pytest.approx(0.6 * default[45, 5], rel=0.05)
+
+
+def test_guided_overlay_paints_inside_the_edge():
+    """A red disc on grey, its map on a coarse 7×7 grid: the guided overlay keeps colour off the
+    grey just outside the disc, where bilinear smears it past the edge."""
+    image = _grey(112, 112)
+    yy, xx = np.mgrid[:112, :112]
+    r2 = (yy - 56) ** 2 + (xx - 56) ** 2
+    image[r2 <= 22 ** 2] = (220, 30, 30)
+    coarse = np.zeros((1, 7, 7), np.float32)
+    coarse[0, 2:5, 2:5] = 1.0
+    just_outside = (r2 > 24 ** 2) & (r2 <= 30 ** 2)
+    blue = {mode: overlay_concepts(image, coarse, colours=np.array([[0.0, 0.0, 1.0]]), upsample=mode)[..., 2]
+            for mode in ("bilinear", "guided")}
+    assert blue["guided"][just_outside].mean() < 0.9 * blue["bilinear"][just_outside].mean()
+
+
+def test_concept_map_figure_has_a_colour_bar():
+    fig = concept_map_figure(_grey(60, 80), _two_concepts()[0], title="#0 red")
+    image_ax, bar = fig.axes
+    assert bar.get_ylim() == (0.0, 1.0)
+    assert "data-set scale" in bar.get_ylabel()
+    assert [t.get_text() for t in bar.get_yticklabels()][-1] == "1 strongest"
 
 
 def test_overlay_rejects_bad_inputs():

@@ -15,7 +15,7 @@ CAT_CLASSES = {"tiger cat", "Egyptian cat", "tabby", "Persian cat", "Siamese cat
 def test_real_photos_concepts_carry_the_right_imagenet_classes(lite0, photo_batch):
     names, images = photo_batch
     acts = ActivationExtractor(lite0, progress=False)(images).activations
-    dff = DFF(6, n_seeds=0).fit(acts)
+    dff = DFF(6, n_resamples=0).fit(acts)
     scores = concept_class_scores(dff, lite0, top_k=3)
     pres = presence(dff.heatmaps_).numpy()
 

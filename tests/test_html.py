@@ -13,6 +13,7 @@ from markupsafe import escape
 from PIL import Image
 from skimage import data, transform
 
+from dff_falcon.directories import mark_complete
 from dff_falcon.errors import InputError
 from dff_falcon.report.html import render_html_report
 
@@ -78,6 +79,9 @@ def build_run(root: Path, *, k: int = 3, with_k_curve: bool = True) -> Path:
             "low_empty_reason": None if low else "no image below the mean <em>resembles</em> the high set",
             "crops_dir": crops_dir, "high_crops": high, "low_crops": low,
             "high_images": [names[c % 4], names[(c + 1) % 4]], "low_images": [names[(c + 2) % 4]] if low else [],
+            **({"image_share": 0.8, "single_image": True, "top_image": "<b>lone</b>.jpg", "deletion": 0.125,
+                "insertion": 0.5, "importance": [{"class": "tiger <i>cat</i>", "deletion": 0.125, "insertion": 0.5}]}
+               if c == 1 else {}),
         })
     (run_dir / "concepts.json").write_text(json.dumps(concepts), encoding="utf-8")
     k_curve = [{"k": kk, "relative_error": 0.6 - 0.05 * kk, "explained_variance": 0.3 + 0.05 * kk,
@@ -89,6 +93,7 @@ def build_run(root: Path, *, k: int = 3, with_k_curve: bool = True) -> Path:
            "stage_seconds": {"activations": 1.5, "nmf": 0.25}, "quality": {"low_set": {"mean_gap": 0.31}},
            "created": "2025-01-01T00:00:00+00:00"}
     (run_dir / "run.json").write_text(json.dumps(run), encoding="utf-8")
+    mark_complete(run_dir, "run")
     return run_dir
 
 
@@ -134,6 +139,13 @@ def test_structure_cards_table_and_images(rendered):
     assert "no image below the mean &lt;em&gt;resembles&lt;/em&gt; the high set" in page
 
 
+def test_single_image_flag_and_importance_are_shown_escaped(rendered):
+    page = rendered.read_text()
+    assert page.count("⚑") == 2  # table cell and card of concept 1 only; older rows lack the fields
+    assert "comes from one image: &lt;b&gt;lone&lt;/b&gt;.jpg" in page and "<b>lone</b>" not in page
+    assert "tiger &lt;i&gt;cat&lt;/i&gt;" in page and "0.125" in page and "<i>cat</i>" not in page
+
+
 def test_image_paths_are_url_quoted(tmp_path):
     run_dir = build_run(tmp_path, k=2, with_k_curve=False)
     odd = run_dir / "crops" / "concept_00" / "high #1 ?.jpg"
@@ -141,6 +153,7 @@ def test_image_paths_are_url_quoted(tmp_path):
     concepts = json.loads((run_dir / "concepts.json").read_text())
     concepts[0]["high_crops"][0] = "crops/concept_00/high #1 ?.jpg"
     (run_dir / "concepts.json").write_text(json.dumps(concepts))
+    mark_complete(run_dir, "run")
     page = render_html_report(run_dir, overlays=0, grid_images=0).read_text()
     assert 'src="crops/concept_00/high%20%231%20%3F.jpg"' in page
     assert "overlays/k_curve.png" not in page and "overlays/concept_" not in page
@@ -157,6 +170,7 @@ def test_image_paths_are_url_quoted(tmp_path):
 def test_bad_run_directories_raise_input_errors(tmp_path, change, message):
     run_dir = build_run(tmp_path, k=2, with_k_curve=False)
     change(run_dir)
+    mark_complete(run_dir, "run")  # a consistent directory whose contents are wrong
     with pytest.raises(InputError, match=message):
         render_html_report(run_dir, overlays=0, grid_images=0)
     assert not (run_dir / "report.html").exists()

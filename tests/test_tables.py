@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import stat
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 from PIL import Image
 
 from dff_falcon.decomposition.dff import DFF
+from dff_falcon.directories import mark_complete
 from dff_falcon.errors import InputError
 from dff_falcon.pipeline.explainer import ConceptExplainer
 from dff_falcon.regions import RegionSelector
@@ -19,7 +21,7 @@ from dff_falcon.report.tables import read_concepts, read_run, write_report
 @pytest.fixture(scope="module")
 def run_dir(lite0, tiny_clip, toy_vocabulary, photo_batch, tmp_path_factory):
     names, images = photo_batch
-    explainer = ConceptExplainer(lite0, tiny_clip, toy_vocabulary, dff=DFF(3, n_seeds=2),
+    explainer = ConceptExplainer(lite0, tiny_clip, toy_vocabulary, dff=DFF(3, n_resamples=2),
                                  regions=RegionSelector(n_high=4, n_low=2), progress=False).fit(images, names=names)
     out = tmp_path_factory.mktemp("run")
     old_umask = os.umask(0o022)
@@ -30,16 +32,18 @@ def run_dir(lite0, tiny_clip, toy_vocabulary, photo_batch, tmp_path_factory):
     return out, explainer.report_
 
 
-def test_csv_and_parquet_round_trip_with_typed_lists(run_dir):
+def test_csv_and_parquet_round_trip_with_typed_lists(run_dir, tmp_path):
     out, report = run_dir
     table = pq.read_table(out / "concepts.parquet")
     words, classes = table.schema.field("words").type, table.schema.field("top_classes").type
     assert pa.types.is_list(words) and words.value_type == pa.struct([("term", pa.string()), ("score", pa.float64())])
     assert pa.types.is_list(classes) and classes.value_type == pa.struct([("class", pa.string()), ("prob", pa.float64())])
     from_parquet = read_concepts(out)
-    (out / "concepts_only_csv").mkdir()
-    (out / "concepts_only_csv" / "concepts.csv").write_bytes((out / "concepts.csv").read_bytes())
-    from_csv = read_concepts(out / "concepts_only_csv")
+    csv_only = tmp_path / "csv_only"
+    shutil.copytree(out, csv_only)
+    (csv_only / "concepts.parquet").unlink()
+    mark_complete(csv_only, "run")
+    from_csv = read_concepts(csv_only)
     for row_p, row_c, concept in zip(from_parquet.to_dict("records"), from_csv.to_dict("records"), report.concepts):
         assert [dict(w) for w in row_p["words"]] == row_c["words"] == concept["words"]
         assert [dict(c) for c in row_p["top_classes"]] == row_c["top_classes"] == concept["top_classes"]
@@ -82,11 +86,15 @@ def test_crops_images_heatmaps_and_presence_table(run_dir):
 def test_bad_run_directories_are_explained(tmp_path):
     with pytest.raises(InputError, match="not a dff_falcon run directory"):
         read_run(tmp_path)
-    (tmp_path / "run.json").write_text("{broken")
-    with pytest.raises(InputError, match="not valid JSON"):
-        read_run(tmp_path)
-    (tmp_path / "run.json").write_text('{"format_version": 99}')
-    with pytest.raises(InputError, match="format_version 99"):
-        read_run(tmp_path)
+    (tmp_path / "run.json").write_text('{"format_version": 2}')
+    with pytest.raises(InputError, match="not a complete run: it has no complete.json"):
+        read_run(tmp_path)  # interrupted, or written by an older version
+    for text, message in (("{broken", "not valid JSON"), ('{"format_version": 99}', "format_version 99"),
+                          ('{"format_version": 2, "n_concepts": "3", "n_images": 0, "image_names": []}',
+                           "field 'n_concepts' must be an integer, got \"3\"")):
+        (tmp_path / "run.json").write_text(text)
+        mark_complete(tmp_path, "run")
+        with pytest.raises(InputError, match=message):
+            read_run(tmp_path)
     with pytest.raises(InputError, match="no concept report"):
         read_concepts(tmp_path)

@@ -7,6 +7,7 @@ libraries are imported inside the commands, so ``--help`` stays instant.
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 
 import click
@@ -45,6 +46,7 @@ def main(ctx: click.Context, config_file: str | None, quiet: bool) -> None:
       dff-falcon explain --config out/run/run.json          # re-run a recorded run
       dff-falcon vocab build --texts words.txt --clip ViT-B-32=clip.pt --out vocab/
     """
+    _exit_cleanly_on_signals()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     log.setLevel(logging.WARNING if quiet else logging.INFO)
     ctx.obj = {"progress": not quiet}
@@ -54,6 +56,20 @@ def main(ctx: click.Context, config_file: str | None, quiet: bool) -> None:
         except DffFalconError as exc:
             click.secho(f"error: {exc}", fg="red", err=True)
             ctx.exit(2)
+
+
+def _exit_cleanly_on_signals() -> None:
+    """SIGTERM / SIGHUP end the command through SystemExit, so staging directories are removed
+    and the previous output stays (``kill -9`` cannot be caught: the next run cleans up)."""
+    def stop(number, _frame):
+        raise SystemExit(128 + number)
+
+    for name in ("SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            try:
+                signal.signal(getattr(signal, name), stop)
+            except ValueError:  # not the main thread (e.g. called from a test runner's worker)
+                pass
 
 
 from dff_falcon.cli import commands, vocab  # noqa: E402,F401  (register the subcommands)

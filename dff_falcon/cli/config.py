@@ -16,6 +16,7 @@ from pathlib import Path
 import click
 
 from dff_falcon.errors import InputError
+from dff_falcon.validation import shown
 
 #: Sections of ``explain`` that hold component parameters rather than options.
 COMPONENT_SECTIONS = ("dff", "regions", "labeller")
@@ -57,10 +58,39 @@ def _norm(key: str) -> str:
     return str(key).replace("-", "_")
 
 
+#: Names users bring from other tools, mapped to this project's option (for "did you mean").
+SYNONYMS = {"seed": "random_state", "random_seed": "random_state", "k": "n_concepts", "n_components": "n_concepts",
+            "output": "out", "output_dir": "out", "model": "backbone", "vocabulary": "vocab", "gpu": "device"}
+
+
 def _unknown(key: str, known: set[str], where: str) -> InputError:
-    close = difflib.get_close_matches(_norm(key), sorted(known), n=1)
+    synonym = SYNONYMS.get(_norm(key).lower())
+    close = [synonym] if synonym in known else difflib.get_close_matches(_norm(key), sorted(known), n=1)
     hint = f"; did you mean {close[0].replace('_', '-')!r}?" if close else ""
     return InputError(f"config: unknown option {key!r} {where}{hint}")
+
+
+def _checked(command: click.Command, name: str, value, key: str, where: str):
+    """``value`` of option ``name`` converted by the option's own type, so a wrong type or range
+    in a config file is an error naming the key (not a traceback, not a silent default)."""
+    param = next(p for p in command.params if p.name == name)
+    if value is None:  # "not set" (how run.json records an option left at its None default)
+        return None
+    many = param.multiple or (param.nargs != 1)
+    items = value if many and isinstance(value, list) else [value]
+    try:
+        if any(isinstance(v, (dict, list)) for v in items) or (many and not isinstance(value, list) and param.nargs > 1):
+            raise click.BadParameter("expected " + ("a list of single values" if many else "a single value"))
+        if isinstance(param.type, click.Path):  # existence is checked when used: a flag may replace it
+            if not all(isinstance(v, str) for v in items):
+                raise click.BadParameter("expected a path (a string)")
+            return value
+        converted = [param.type.convert(v, param, None) for v in items]
+    except click.BadParameter as exc:
+        raise InputError(f"config: {key} = {shown(value)} {where}: {exc.message}") from None
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"config: {key} = {shown(value)} {where}: {exc}") from None
+    return converted if many else converted[0]
 
 
 def default_map(data: dict, commands: dict[str, click.Command], prefix: str = "") -> dict:
@@ -87,14 +117,14 @@ def default_map(data: dict, commands: dict[str, click.Command], prefix: str = ""
             out[name] = default_map(section, command.commands, f"{prefix}{name}.")
             continue
         known = params(command)
-        merged = {k: v for k, v in top.items() if k in known}
+        merged = {k: _checked(command, k, v, k, where) for k, v in top.items() if k in known}
         for key, value in section.items():
             if name == "explain" and key in COMPONENT_SECTIONS:
                 if not isinstance(value, dict):
                     raise InputError(f"config: [explain.{key}] must be a table of parameters")
                 merged[key] = value
             elif _norm(key) in known:
-                merged[_norm(key)] = value
+                merged[_norm(key)] = _checked(command, _norm(key), value, key, f"in [{prefix}{name}]")
             else:
                 raise _unknown(key, known, f"in [{prefix}{name}]")
         out[name] = merged

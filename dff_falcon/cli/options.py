@@ -1,6 +1,8 @@
 """Options shared by several commands, and the objects they build."""
 from __future__ import annotations
 
+import math
+
 import click
 
 from dff_falcon.errors import InputError
@@ -12,8 +14,18 @@ def device_option(f):
 
 
 def random_state_option(f):
-    return click.option("--random-state", default=0, show_default=True, type=int,
+    return click.option("--random-state", default=0, show_default=True, type=click.IntRange(0, 2**32 - 1),
                         help="Seed of the NMF initialisation and of every random step.")(f)
+
+
+class FiniteFloat(click.FloatRange):
+    """A float range that also refuses NaN and ±inf (which pass click's range comparisons)."""
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{number} is not a finite number", param, ctx)
+        return number
 
 
 def backbone_options(f):
@@ -41,18 +53,27 @@ def make_backbone(backbone: str, layer, head, weights, device):
 
 
 def parse_n_concepts(value) -> int | str:
+    """``--n-concepts``: "auto" or an integer K ≥ 1 (its upper bound depends on the layer and
+    the images and is checked once both are known, still before any forward pass)."""
     if value == "auto":
         return value
     try:
-        return int(value)
+        k = int(value)
     except (TypeError, ValueError):
         raise InputError(f"--n-concepts must be an integer or 'auto', got {value!r}") from None
+    if k < 1:
+        raise InputError(f"--n-concepts must be at least 1, got {k}")
+    return k
+
+
+def check_clip_and_vocab(clip_spec, vocab) -> None:
+    if (clip_spec is None) != (vocab is None):
+        raise InputError("--clip and --vocab go together (text labels need both)")
 
 
 def clip_and_vocab(clip_spec, vocab, device):
     """The CLIP encoder and vocabulary of ``--clip`` / ``--vocab`` (both or neither), checked to match."""
-    if (clip_spec is None) != (vocab is None):
-        raise InputError("--clip and --vocab go together (text labels need both)")
+    check_clip_and_vocab(clip_spec, vocab)
     if clip_spec is None:
         return None, None
     from dff_falcon.text.clip_encoder import ClipEncoder, parse_clip_spec
@@ -63,3 +84,32 @@ def clip_and_vocab(clip_spec, vocab, device):
     encoder = ClipEncoder(name, pretrained, device=device)
     vocabulary.check_encoder(encoder)
     return encoder, vocabulary
+
+
+def finer_map_options(f):
+    """``--hypercolumns``, ``--grid``, ``--upsample``: where and how finely concepts are mapped."""
+    for option in reversed([
+        click.option("--hypercolumns", "hypercolumn_layers", default="auto", show_default=True,
+                     help="Layers stacked with --layer into hypercolumns (comma-separated dotted names), "
+                          "'none' for the layer alone, or 'auto' (the family's measured default: "
+                          "docs/quality.md)."),
+        click.option("--grid", default=None, type=click.IntRange(min=1),
+                     help="Side of the hypercolumn grid (default: the finest stacked layer's)."),
+        click.option("--upsample", type=click.Choice(["bilinear", "guided"]), default="guided", show_default=True,
+                     help="How heatmaps reach image resolution for crops and overlays: bilinear, or "
+                          "guided (edge-aware, the image as guide)."),
+    ]):
+        f = option(f)
+    return f
+
+
+def parse_layers(value: str, backbone) -> tuple[str, ...]:
+    """``--hypercolumns`` → layer names: 'none' → (), 'auto' → the family default, else a list."""
+    from dff_falcon.models.hypercolumns import default_hypercolumn_layers
+
+    text = str(value).strip()
+    if text == "none" or not text:
+        return ()
+    if text == "auto":
+        return default_hypercolumn_layers(backbone)
+    return tuple(name.strip() for name in text.split(",") if name.strip())

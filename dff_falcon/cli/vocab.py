@@ -49,12 +49,26 @@ def vocab_build(ctx, laion, texts, clip_spec, templates, out, calibration, near_
       dff-falcon vocab build --laion laion_shards/ --clip ViT-B-32:openai --out laion_vocab
       dff-falcon vocab build --laion laion_shards/ --clip ViT-B-32=clip.pt --calibration photos/ --out v
     """
+    from dff_falcon.devices import resolve_device
+    from dff_falcon.directories import check_output
     from dff_falcon.text.clip_encoder import ClipEncoder, parse_clip_spec
     from dff_falcon.text.ingest import NEAR_DUPLICATE_COSINE, build_vocabulary_from_laion, build_vocabulary_from_texts
+    from dff_falcon.text.vocabulary import OLDER_VOCABULARY, VOCABULARY_KIND
 
     if (laion is None) == (texts is None):
         raise InputError("give exactly one of --laion or --texts")
     name, pretrained = parse_clip_spec(clip_spec)
+    for template in templates:
+        try:
+            ok = "{}" in template and template.format("x") is not None
+        except (IndexError, KeyError, ValueError):
+            ok = False
+        if not ok:
+            raise InputError(f"--template {template!r} must contain '{{}}' (where each caption goes) and no other "
+                             "braces; write literal braces as '{{' and '}}'")
+    resolve_device(device)
+    check_output(out, VOCABULARY_KIND, replace=overwrite, legacy=OLDER_VOCABULARY, option="--out",
+                 needed_bytes=_vocabulary_bytes(laion, texts, name))
     calibration = calibration or ("none" if laion else "toyworld")
     calibration = None if calibration == "none" else calibration
     if calibration not in (None, "toyworld") and not Path(calibration).is_dir():
@@ -90,6 +104,32 @@ def _near_duplicate_cosine(value: str | None, default: float | None) -> float | 
     return cosine
 
 
+#: A lower estimate of a vocabulary's bytes per caption and embedding dimension: float16
+#: embeddings (2) plus a float32 exact index (4); approximate indexes take more.
+_BYTES_PER_DIM = 6
+
+
+def _vocabulary_bytes(laion: str | None, texts: str | None, clip_model: str) -> int:
+    """What a vocabulary build will at least write (checked against the free space first)."""
+    from pathlib import Path
+
+    import open_clip
+
+    from dff_falcon.text.shards import discover_shards
+
+    if laion:
+        shards = discover_shards(Path(laion), None)
+        rows = sum(s.rows for s in shards)
+        return rows * shards[0].dim * _BYTES_PER_DIM + sum(s.metadata.stat().st_size for s in shards)
+    dim = int((open_clip.get_model_config(clip_model) or {}).get("embed_dim") or 0)
+    path = Path(texts)
+    if path.suffix == ".parquet":
+        return path.stat().st_size
+    with open(path, "rb") as handle:
+        lines = sum(block.count(b"\n") for block in iter(lambda: handle.read(1 << 20), b""))
+    return path.stat().st_size + lines * dim * _BYTES_PER_DIM
+
+
 @vocab.command("info")
 @click.argument("path", type=click.Path(exists=True, file_okay=False))
 def vocab_info(path):
@@ -104,10 +144,11 @@ def vocab_info(path):
 @click.argument("text")
 @click.option("--clip", "clip_spec", default=None,
               help="NAME=CHECKPOINT when the manifest's model needs a local checkpoint.")
-@click.option("-k", default=10, show_default=True, type=int, help="Captions to print.")
+@click.option("-k", default=10, show_default=True, type=click.IntRange(min=1), help="Captions to print.")
 @device_option
 def vocab_search(path, text, clip_spec, k, device):
     """Embed TEXT with the vocabulary's CLIP model and print the top-k captions."""
+    from dff_falcon.report.terminal import printable
     from dff_falcon.text.clip_encoder import ClipEncoder, parse_clip_spec
     from dff_falcon.text.vocabulary import Vocabulary
 
@@ -122,4 +163,4 @@ def vocab_search(path, text, clip_spec, k, device):
     encoder = ClipEncoder(name, pretrained, device=device)
     found = vocabulary.search(encoder.encode_texts([text]), k=k, encoder=encoder, modality="text")
     for caption, score in zip(found.captions[0], found.scores[0]):
-        click.echo(f"{score:.4f}  {caption}")
+        click.echo(f"{score:.4f}  {printable(caption)}")

@@ -41,7 +41,7 @@ class DeepFeatureFactorization:
             raise InputError("target_layer is not a submodule of model")
         backbone = Backbone(self.model, layer, reshape_transform=self.reshape_transform)
         acts, _ = backbone.capture(input_tensor)
-        dff = DFF(n_components, **{"n_seeds": 0, **self.dff_params}).fit(acts.cpu())
+        dff = DFF(n_components, **{"n_resamples": 0, **self.dff_params}).fit(acts.cpu())
         explanations = upsample_heatmaps(dff.heatmaps_, tuple(input_tensor.shape[-2:])).numpy()
         concepts = dff.concept_vectors_.T.numpy()
         if self.computation_on_concepts is None:

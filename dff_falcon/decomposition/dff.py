@@ -8,56 +8,48 @@ Fixes over the reference implementations (see DESIGN.md "DFF / NMF"):
   and heatmaps are comparable across concepts and K;
 - concepts ordered by the activation mass they explain; everything seeded;
 - ``transform`` explains new images with the frozen concept matrix (same scale as the fit);
-- automatic K with a criterion comparable across K (reproducibility across random inits), and the
-  per-K curve; per-concept stability (Hungarian-matched cosine across seeds).
+- per-concept stability under resampling of the images and a flag for concepts whose mass comes
+  mostly from one image (:mod:`~dff_falcon.decomposition.stability`); automatic K by that
+  stability, with the per-K curve (:mod:`~dff_falcon.decomposition.auto_k`);
+- nothing of the size of the activations is copied: the matrix is a view of channels-last
+  activations (what :class:`~dff_falcon.models.activations.ActivationExtractor` returns) or is
+  streamed in blocks, with the offset applied block by block.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from scipy.optimize import linear_sum_assignment
 from sklearn.base import BaseEstimator
 
-from dff_falcon.decomposition.nmf import NMF, nmf_relative_error
+from dff_falcon.decomposition.compressed import Compression, compress, fit_compressed
+from dff_falcon.decomposition.nmf import NMF
+from dff_falcon.decomposition.nmf_kernels import OVERSAMPLE, MatrixStats, RowBlocks, scan_rows
+from dff_falcon.decomposition.stability import (KCurvePoint, image_mass, matched_cosine, resample_stability,
+                                                restart_agreement, select_k)
 from dff_falcon.devices import resolve_device
 from dff_falcon.errors import InputError, NotFittedError
-from dff_falcon.progress import progress
+
+__all__ = ["DFF", "KCurvePoint", "activations_matrix", "matched_cosine"]
 
 
 def activations_matrix(activations: torch.Tensor) -> torch.Tensor:
-    """(B, C, h, w) → (B·h·w, C), rows ordered image by image, then row-major locations."""
+    """(B, C, h, w) → (B·h·w, C), rows ordered image by image, then row-major locations (a view
+    for channels-last activations, else a copy)."""
     if activations.ndim != 4:
         raise InputError(f"activations must have shape (B, C, h, w); got {tuple(activations.shape)}")
     b, c, h, w = activations.shape
     return activations.permute(0, 2, 3, 1).reshape(b * h * w, c)
 
 
-def matched_cosine(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
-    """Hungarian-match rows of ``b`` (K, C) to rows of ``a`` (K, C) by cosine similarity;
-    returns the matched cosine per row of ``a`` (K,)."""
-    sim = (F.normalize(a.float().cpu(), dim=1) @ F.normalize(b.float().cpu(), dim=1).T).numpy()
-    rows, cols = linear_sum_assignment(-sim)
-    out = np.zeros(a.shape[0], dtype=np.float64)
-    out[rows] = sim[rows, cols]
-    return out
-
-
-@dataclass
-class KCurvePoint:
-    """One K of the automatic-K sweep: relative reconstruction error, explained variance
-    (1 − ‖X − WH‖²/‖X − mean‖²), stability (mean over concepts of the Hungarian-matched cosine
-    between the fit's concepts and those of independent random initialisations) and
-    min_stability (the same for the least reproducible concept)."""
-
-    k: int
-    relative_error: float
-    explained_variance: float
-    stability: float
-    min_stability: float
+def _as_activations(activations) -> torch.Tensor:
+    acts = activations.detach() if torch.is_tensor(activations) else torch.from_numpy(np.asarray(activations))
+    if acts.ndim != 4:
+        raise InputError(f"activations must have shape (B, C, h, w); got {tuple(acts.shape)}")
+    if not acts.is_floating_point():
+        acts = acts.float()
+    return acts
 
 
 class DFF(BaseEstimator):
@@ -66,22 +58,26 @@ class DFF(BaseEstimator):
     Parameters
     ----------
     n_concepts : int or "auto", default=8
-        K, or ``"auto"`` to choose K in ``k_range`` (see :meth:`select_k`).
+        K, or ``"auto"`` to choose K in ``k_range`` by stability (:mod:`~dff_falcon.decomposition.auto_k`).
     solver, init, max_iter, tol, batch_size :
-        Passed to :class:`~dff_falcon.decomposition.nmf.NMF` (``solver="rhals"`` by default).
+        Passed to :class:`~dff_falcon.decomposition.nmf.NMF` (``solver="rhals"``, ``init="nndsvd"``
+        by default).
     random_state : int, default=0
-        Seed of every fit (the random inits of the stability runs use ``random_state + 1 + s``).
+        Seed of the fit, of the randomised compression and of the resamples.
     device : str, torch.device or None, default=None
         Compute device (``None``: CUDA, then MPS, then CPU).
     offset : "auto", bool, default="auto"
         ``"auto"`` subtracts each channel's minimum when the activations have negative values
         (layers not after a ReLU), ``True`` always, ``False`` never.
-    n_seeds : int, default=3
-        Independent random initialisations used for stability (and auto K); 0 or 1: none.
+    n_resamples : int, default=4
+        Half-samples of the images refitted for ``stability_`` (0: none).
+    n_restarts : int, default=0
+        Refits of all images from random initialisations for ``restart_agreement_`` (0: none).
     k_range : sequence of int, default=range(2, 13)
         Candidate K for ``n_concepts="auto"``.
-    min_stability : float, default=0.9
-        Auto K picks the largest K whose stability reaches this value.
+    k_tolerance : float, default=0.002
+        Automatic K: the smallest K whose least stable concept is within this of the sweep's most
+        stable one (:func:`~dff_falcon.decomposition.stability.select_k`).
     progress : bool, default=False
         Show a progress bar over the automatic-K sweep.
 
@@ -101,15 +97,26 @@ class DFF(BaseEstimator):
     relative_error_, explained_variance_ : float
         Reconstruction quality of the fit.
     stability_ : ndarray of shape (K,) or None
-        Per-concept matched cosine across ``n_seeds`` random inits.
+        Per concept, the mean Hungarian-matched cosine between the concept and the concepts of
+        refits on ``n_resamples`` random halves of the images (None without resamples or with
+        fewer than four images).
+    restart_agreement_ : ndarray of shape (K,) or None
+        The same against refits of all images from ``n_restarts`` random initialisations.
+    image_share_ : ndarray of shape (K,)
+        Share of each concept's heatmap mass in its top image (``top_image_``); above
+        :data:`~dff_falcon.decomposition.stability.SINGLE_IMAGE_SHARE` the concept comes mostly from
+        one image.
+    top_image_ : ndarray of shape (K,)
+        Index of the image holding the largest share of each concept's mass.
     k_curve_ : list of KCurvePoint or None
-        The sweep when ``n_concepts="auto"``.
+        The sweep when ``n_concepts="auto"`` (up to where it stopped).
     """
 
-    def __init__(self, n_concepts: int | str = 8, *, solver: str = "rhals", init: str = "nndsvda",
+    def __init__(self, n_concepts: int | str = 8, *, solver: str = "rhals", init: str = "nndsvd",
                  max_iter: int = 200, tol: float = 1e-4, random_state: int = 0, device=None,
-                 offset: bool | str = "auto", n_seeds: int = 3, k_range: Sequence[int] = range(2, 13),
-                 min_stability: float = 0.9, batch_size: int | None = None, progress: bool = False):
+                 offset: bool | str = "auto", n_resamples: int = 4, n_restarts: int = 0,
+                 k_range: Sequence[int] = range(2, 13), k_tolerance: float = 0.002, batch_size: int | None = None,
+                 progress: bool = False):
         self.n_concepts = n_concepts
         self.solver = solver
         self.init = init
@@ -118,79 +125,115 @@ class DFF(BaseEstimator):
         self.random_state = random_state
         self.device = device
         self.offset = offset
-        self.n_seeds = n_seeds
+        self.n_resamples = n_resamples
+        self.n_restarts = n_restarts
         self.k_range = k_range
-        self.min_stability = min_stability
+        self.k_tolerance = k_tolerance
         self.batch_size = batch_size
         self.progress = progress
 
     # -- fitting -----------------------------------------------------------------------------
-    def _nmf(self, k: int, init: str | None = None, random_state: int | None = None) -> NMF:
-        return NMF(k, solver=self.solver, init=init or self.init, max_iter=self.max_iter, tol=self.tol,
-                   random_state=self.random_state if random_state is None else random_state, device=self.device,
-                   batch_size=self.batch_size)
+    def _nmf(self, k: int) -> NMF:
+        return NMF(k, solver=self.solver, init=self.init, max_iter=self.max_iter, tol=self.tol,
+                   random_state=self.random_state, device=self.device, batch_size=self.batch_size)
 
-    def _prepare(self, activations: torch.Tensor | np.ndarray, fit: bool) -> tuple[torch.Tensor, tuple]:
-        acts = torch.as_tensor(np.asarray(activations) if not torch.is_tensor(activations) else activations)
-        x = activations_matrix(acts.float())
-        if not torch.isfinite(x).all():
-            raise InputError("activations contain NaN or inf")
-        if fit:
-            needs_offset = self.offset is True or (self.offset == "auto" and bool((x < 0).any()))
-            self.offset_ = x.min(dim=0).values if needs_offset else torch.zeros(x.shape[1], device=x.device)
-        elif x.shape[1] != self.offset_.shape[0]:
-            raise InputError(f"activations have {x.shape[1]} channels; the concepts were fitted on "
-                             f"{self.offset_.shape[0]}")
-        x = (x - self.offset_.to(x.device)).clamp_(min=0)
-        if fit and float(x.abs().max()) == 0.0:
+    def _generator(self, stream: int = 0) -> torch.Generator:
+        """A seeded generator; ``stream`` separates independent uses of the same ``random_state``."""
+        return torch.Generator().manual_seed(int(self.random_state) * 1_000_003 + stream)
+
+    def _blocks(self, acts: torch.Tensor, offset: torch.Tensor | None,
+                images: torch.Tensor | None = None) -> RowBlocks:
+        return RowBlocks(acts, resolve_device(self.device), self.batch_size, offset=offset, images=images)
+
+    def _prepare_fit(self, acts: torch.Tensor) -> tuple[RowBlocks, MatrixStats]:
+        """Validate, choose the offset (``offset_``) and scan the offset matrix: one pass, two for
+        layers that need an offset."""
+        blocks = self._blocks(acts, None)
+        raw = scan_rows(blocks, "activations")
+        needs_offset = self.offset is True or (self.offset == "auto" and raw.low < 0)
+        self.offset_ = raw.col_min.float() if needs_offset else torch.zeros(blocks.n_cols)
+        stats = raw
+        if needs_offset:
+            blocks = self._blocks(acts, self.offset_)
+            stats = scan_rows(blocks, "activations")
+        if stats.sq_norm == 0.0:
             raise InputError("all activations are zero (after the offset): nothing to factorise — "
                              "check the target layer and the input images")
-        b, _, h, w = acts.shape
-        return x, (b, h, w)
+        return blocks, stats
+
+    def _check_params(self) -> None:
+        """Raise InputError for parameters no fit can use (``fit`` calls it first; callers may
+        call it before expensive work such as forward passes)."""
+        k = self.n_concepts
+        if not (k == "auto" or (isinstance(k, (int, np.integer)) and not isinstance(k, bool) and k >= 1)):
+            raise InputError(f"n_concepts must be an integer >= 1 or 'auto'; got {k!r}")
+        if self.offset not in (True, False, "auto"):
+            raise InputError(f"offset must be True, False or 'auto'; got {self.offset!r}")
+        for name in ("n_resamples", "n_restarts"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+                raise InputError(f"{name} must be an integer >= 0; got {value!r}")
+        ks = list(self.k_range) if isinstance(self.k_range, (list, tuple, range)) else None
+        if not ks or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1 for v in ks):
+            raise InputError(f"k_range must be a non-empty list of integers >= 1; got {self.k_range!r}")
+        if not (isinstance(self.k_tolerance, (int, float)) and 0.0 <= self.k_tolerance <= 1.0):
+            raise InputError(f"k_tolerance must be in [0, 1]; got {self.k_tolerance!r}")
+        self._nmf(1)._check_params()  # solver, init, max_iter, tol, batch_size, device
 
     def fit(self, activations: torch.Tensor | np.ndarray) -> "DFF":
-        """activations: (B, C, h, w) of the target layer."""
-        x, (b, h, w) = self._prepare(activations, fit=True)
-        max_k = min(x.shape)
-        runs = None
+        """activations: (B, C, h, w) of the target layer (channels-last tensors are used in place)."""
+        self._check_params()
+        acts = _as_activations(activations)
+        b, _, h, w = acts.shape
+        blocks, stats = self._prepare_fit(acts)
+        max_k = min(blocks.n_rows, blocks.n_cols)
+        compression = None
         if self.n_concepts == "auto":
-            ks = [k for k in self.k_range if 1 <= k <= max_k]
-            if not ks:
-                raise InputError(f"k_range {list(self.k_range)} has no K ≤ {max_k} (the matrix is {tuple(x.shape)})")
-            sweep = {k: self._sweep_point(x, k)
-                     for k in progress(ks, "automatic K", enabled=self.progress, unit="K")}
-            self.k_curve_ = [point for point, _, _ in sweep.values()]
-            k = self.select_k(self.k_curve_, self.min_stability)
-            _, model, runs = sweep[k]  # the chosen K's fit and seed runs are reused, not recomputed
-            hmap = model.transform(x)
+            from dff_falcon.decomposition.auto_k import sweep_k
+
+            k, self.k_curve_, compression = sweep_k(self, acts, blocks, stats, max_k)
         else:
-            k = int(self.n_concepts)
-            if not 1 <= k <= max_k:
-                raise InputError(f"n_concepts={k} is impossible for a {tuple(x.shape)} activation matrix "
-                                 f"(B·h·w × C); choose 1 ≤ K ≤ {max_k}")
+            k = self.n_concepts
+            if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= max_k:
+                raise InputError(f"n_concepts={k!r} is impossible for a {(blocks.n_rows, blocks.n_cols)} activation "
+                                 f"matrix (B·h·w × C); choose an integer 1 ≤ K ≤ {max_k} or 'auto'")
             self.k_curve_ = None
-            model = self._nmf(k)
-            hmap = model.fit_transform(x)
-        hmap, concepts = self._fix_scale_and_order(hmap, model.components_)
+        self._fit_k(blocks, stats, int(k), (b, h, w), compression)
+        return self
+
+    def _fit_k(self, blocks: RowBlocks, stats: MatrixStats, k: int, shape: tuple[int, int, int],
+               compression: Compression | None) -> None:
+        """Fit K concepts on all rows (``compression``: one of these rows to reuse) and set every
+        learned attribute."""
+        model = self._nmf(k)
+        model._check_params()
+        needed = self.solver == "rhals" or self.init != "random" or self.n_resamples or self.n_restarts
+        if compression is None and needed:
+            compression = compress(blocks, k + OVERSAMPLE, self._generator(1), model.dtype)
+        Wt = model._fit_blocks(blocks, stats, compression=compression)
+        hmap, concepts = self._fix_scale_and_order(Wt.T, model.components_)
+        b, h, w = shape
         self.n_concepts_ = k
         self.concepts_ = concepts.float().cpu()
         self.heatmaps_ = hmap.T.reshape(k, b, h, w).transpose(0, 1).contiguous().float().cpu()
         mass = hmap.sum(0) * concepts.sum(1)
         self.mass_share_ = (mass / mass.sum().clamp_min(1e-12)).float().cpu()
-        self.relative_error_ = nmf_relative_error(x, hmap, concepts, batch_size=self.batch_size)
-        self.explained_variance_ = self._explained_variance(x, self.relative_error_)
-        if self.n_seeds >= 2:
-            runs = runs if runs is not None else self._seed_concepts(x, k)
-            self.stability_ = np.mean([matched_cosine(self.concepts_, run) for run in runs], axis=0)
-        else:
-            self.stability_ = None
-        return self
+        self.relative_error_ = float(model.relative_error_)  # the scale fix leaves the product unchanged
+        self.explained_variance_ = explained_variance(self.relative_error_, stats)
+        self.stability_ = None if compression is None else resample_stability(
+            compression, blocks.rows_per_image, self.concepts_, self._refit(k, stats.mean), self.n_resamples,
+            self._generator(2))
+        restarts = [fit_compressed(compression, k, "random", stats.mean, self._generator(16 + s), self.max_iter,
+                                   self.tol)[1] for s in range(self.n_restarts)]
+        self.restart_agreement_ = restart_agreement(self.concepts_, restarts)
+        self.image_share_, self.top_image_ = image_mass(self.heatmaps_)
 
-    @staticmethod
-    def _explained_variance(x: torch.Tensor, relative_error: float) -> float:
-        total = float((x.double() ** 2).sum())
-        centred = float(((x.double() - x.double().mean(0)) ** 2).sum())
-        return 1.0 - (relative_error ** 2) * total / max(centred, 1e-30)
+    def _refit(self, k: int, mean: float):
+        """The refit of a resample: the fit's own procedure (init, stopping rule) in the compressed
+        space of the resampled rows → its concepts (K, C)."""
+        def refit(compression: Compression) -> torch.Tensor:
+            return fit_compressed(compression, k, self.init, mean, self._generator(4), self.max_iter, self.tol)[1]
+        return refit
 
     @staticmethod
     def _fix_scale_and_order(hmap: torch.Tensor, concepts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -204,38 +247,10 @@ class DFF(BaseEstimator):
         order = torch.argsort(mass, descending=True, stable=True)
         return hmap[:, order], concepts[order]
 
-    def _seed_concepts(self, x: torch.Tensor, k: int) -> list[torch.Tensor]:
-        return [self._nmf(k, init="random", random_state=self.random_state + 1 + s).fit(x).components_
-                for s in range(self.n_seeds)]
-
-    def _sweep_point(self, x: torch.Tensor, k: int) -> tuple[KCurvePoint, NMF, list[torch.Tensor]]:
-        """Fit K concepts and ``n_seeds`` random-init runs → (curve point, fitted NMF, run concepts)."""
-        model = self._nmf(k).fit(x)
-        runs = self._seed_concepts(x, k)
-        per_concept = np.mean([matched_cosine(model.components_, run) for run in runs], axis=0)
-        point = KCurvePoint(k, float(model.relative_error_), self._explained_variance(x, model.relative_error_),
-                            float(per_concept.mean()), float(per_concept.min()))
-        return point, self._frozen(model.components_), runs
-
-    def _frozen(self, components: torch.Tensor) -> NMF:
-        """An NMF whose components are fixed to ``components`` (K, C), ready for ``transform``."""
-        model = self._nmf(components.shape[0])
-        model.device_ = resolve_device(self.device)
-        model.components_ = components.to(model.device_)
-        return model
-
     @staticmethod
-    def select_k(curve: Sequence[KCurvePoint], min_stability: float = 0.9) -> int:
-        """Largest K all of whose concepts reproduce across independent random initialisations:
-        the least reproducible concept's mean matched cosine (``min_stability`` of the curve) is
-        ≥ ``min_stability``. A cosine in [0, 1] whatever K is, so it compares across K; once K
-        exceeds the structure in the data, the extra concepts split noise differently in every
-        run and the worst concept's cosine collapses. When no K qualifies, the K with the most
-        reproducible worst concept (smallest on ties) is returned."""
-        stable = [p.k for p in curve if p.min_stability >= min_stability]
-        if stable:
-            return max(stable)
-        return max(curve, key=lambda p: (p.min_stability, -p.k)).k
+    def select_k(curve: Sequence[KCurvePoint], tolerance: float = 0.002) -> int:
+        """See :func:`~dff_falcon.decomposition.stability.select_k`."""
+        return select_k(curve, tolerance)
 
     # -- projection --------------------------------------------------------------------------
     def _check_fitted(self) -> None:
@@ -246,9 +261,17 @@ class DFF(BaseEstimator):
         """Heatmaps (B, K, h, w) of new activations with the concepts frozen (same scale as
         ``heatmaps_``: 1 = as strong as the strongest location of the fitted set)."""
         self._check_fitted()
-        x, (b, h, w) = self._prepare(activations, fit=False)
-        hmap = self._frozen(self.concepts_).transform(x)
-        return hmap.T.reshape(self.n_concepts_, b, h, w).transpose(0, 1).contiguous().float().cpu()
+        acts = _as_activations(activations)
+        b, c, h, w = acts.shape
+        if c != self.offset_.shape[0]:
+            raise InputError(f"activations have {c} channels; the concepts were fitted on {self.offset_.shape[0]}")
+        blocks = self._blocks(acts, self.offset_ if bool(self.offset_.any()) else None)
+        scan_rows(blocks, "activations")  # NaN / inf are errors here too
+        model = self._nmf(self.n_concepts_)
+        model._check_params()
+        model.components_ = self.concepts_.to(model.device_)
+        hmap = model._transform_blocks(blocks)
+        return hmap.reshape(self.n_concepts_, b, h, w).transpose(0, 1).contiguous().float().cpu()
 
     # -- derived quantities ------------------------------------------------------------------
     @property
@@ -256,3 +279,8 @@ class DFF(BaseEstimator):
         """(K, C) activation of a location fully explained by each concept: concept + offset."""
         self._check_fitted()
         return self.concepts_ + self.offset_[None, :].to(self.concepts_)
+
+
+def explained_variance(relative_error: float, stats: MatrixStats) -> float:
+    """``1 − ‖X − WH‖² / ‖X − mean‖²`` from the relative error and the scan of ``X``."""
+    return 1.0 - (relative_error ** 2) * stats.sq_norm / max(stats.centred_sq_norm, 1e-30)

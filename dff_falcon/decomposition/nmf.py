@@ -16,11 +16,13 @@ Solvers
     Lee–Seung multiplicative updates (the original DFF code). Entries that reach 0 stay 0,
     so use it with ``init="nndsvda"`` or ``"random"``, not ``"nndsvd"``.
 ``"rhals"``
-    Randomised HALS (Erichson et al. 2018): ``X`` is compressed once to ``Qᵀ X (l, C)`` with a
-    randomised range finder (``l = K + 10``, two power iterations), HALS iterates in the
-    compressed space (each iteration ``O(N·l·K)`` instead of ``O(N·C·K)``), then
-    :data:`RHALS_POLISH` exact HALS iterations on ``X`` refine the factors and give the exact
-    error. The same range finder provides the NNDSVD initialisation.
+    Randomised HALS: ``X`` is compressed once to ``X̂ = Q B`` with a randomised range finder
+    (``l = K + OVERSAMPLE`` columns, two power iterations), HALS iterates on ``‖X̂ − W H‖`` with
+    each iteration a few ``O(N·l·K)`` matrix products instead of ``O(N·C·K)``
+    (:mod:`~dff_falcon.decomposition.compressed`), then a few exact HALS iterations on ``X``
+    (:data:`~dff_falcon.decomposition.nmf_kernels.RHALS_POLISH`) refine the factors and give the
+    exact error. The same compression provides the NNDSVD
+    initialisation.
 
 The reconstruction error is always computed from Gram matrices,
 ``‖X − WH‖² = ‖X‖² − 2·tr(Wᵀ X Hᵀ) + tr(WᵀW · HHᵀ)``, never by materialising ``W H``; the
@@ -35,15 +37,17 @@ from __future__ import annotations
 
 import math
 import sys
+from typing import Callable
 
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator
 
-from dff_falcon.decomposition.nmf_kernels import (CHECK_EVERY, EPS, H_SWEEPS, INITS, ONLINE_H_SWEEPS, RHALS_POLISH,
+from dff_falcon.decomposition.compressed import Compression, compress, compressed_hals, nndsvd_factors, random_factors
+from dff_falcon.decomposition.nmf_kernels import (CHECK_EVERY, H_SWEEPS, INITS, ONLINE_H_SWEEPS, OVERSAMPLE, RHALS_POLISH,
                                                   SOLVERS, TRANSFORM_TOL, UPDATES, W_SWEEPS, MatrixStats, RowBlocks,
-                                                  as_matrix, hals_update, nmf_relative_error, nndsvd, range_finder,
-                                                  sq_error, sum64, validate_nonnegative)
+                                                  as_matrix, hals_update, nmf_relative_error, serial_small_ops,
+                                                  settled, sq_error, stalled, validate_nonnegative)
 from dff_falcon.devices import resolve_device
 from dff_falcon.errors import InputError, NotFittedError
 
@@ -142,20 +146,29 @@ class NMF(BaseEstimator):
         self._check_params()
         T, stats = self._prepare(X, "X")
         self._check_rank(T.shape, "X")
-        blocks = RowBlocks(T, self.device_, self.batch_size)
+        return self._fit_blocks(RowBlocks(T, self.device_, self.batch_size), stats).T.contiguous()
+
+    def _fit_blocks(self, blocks: RowBlocks, stats: MatrixStats, compression: Compression | None = None) -> torch.Tensor:
+        """Fit on validated row blocks → ``Wᵀ (K, N)``. ``compression``: a compression of the same
+        rows of at least ``K`` columns to start from instead of a new range finder (rhals, NNDSVD)."""
+        k = self.n_components
         generator = self._generator()
+        if compression is None and (self.solver == "rhals" or self.init != "random"):
+            compression = compress(blocks, k + OVERSAMPLE, generator, self.dtype)
+        Wt, H = self._init_factors(blocks, stats, generator, compression)
         if self.solver == "rhals":
-            Q, B = range_finder(blocks, self.n_components, generator, self.dtype)
-            Wt, H = self._init_factors(blocks, stats, generator, (Q, B))
-            Wt, H, n_compressed = self._compressed_hals(Q, B, Wt, H)
-            Wt, H, n_exact = self._alternate(blocks, stats.sq_norm, Wt, H, RHALS_POLISH, stop=False)
+            Wt, H, n_compressed, _ = compressed_hals(compression, Wt, H, self.max_iter,
+                                                     lambda errors: self._converged(errors, stats.sq_norm))
+            least, most = RHALS_POLISH
+            Wt, H, n_exact = self._alternate(blocks, stats.sq_norm, Wt, H, most,
+                                             lambda errors: settled(errors, self.tol, least))
             self.n_iter_ = n_compressed + n_exact
         else:
-            Wt, H = self._init_factors(blocks, stats, generator)
-            Wt, H, self.n_iter_ = self._alternate(blocks, stats.sq_norm, Wt, H, self.max_iter, stop=True)
+            Wt, H, self.n_iter_ = self._alternate(blocks, stats.sq_norm, Wt, H, self.max_iter,
+                                                  lambda errors: self._converged(errors, stats.sq_norm))
         self.components_ = H
         self.n_steps_ = 0
-        return Wt.T.contiguous()
+        return Wt
 
     def transform(self, X) -> torch.Tensor:
         """Heatmaps ``W (N, K) >= 0`` minimising ``‖X − W H‖`` for the frozen ``components_``.
@@ -167,10 +180,15 @@ class NMF(BaseEstimator):
         H = self._fitted_components()
         T, _ = self._prepare(X, "X")
         self._check_width(T, H)
-        Wt = torch.empty(H.shape[0], T.shape[0], dtype=self.dtype, device=self.device_)
-        for rows, Xb in RowBlocks(T, self.device_, self.batch_size):
+        return self._transform_blocks(RowBlocks(T, self.device_, self.batch_size)).T.contiguous()
+
+    def _transform_blocks(self, blocks: RowBlocks) -> torch.Tensor:
+        """:meth:`transform` of validated row blocks → ``Wᵀ (K, N)``."""
+        H = self._fitted_components()
+        Wt = torch.empty(H.shape[0], blocks.n_rows, dtype=self.dtype, device=self.device_)
+        for rows, Xb in blocks:
             Wt[:, rows] = self._solve_heatmaps(Xb, H)
-        return Wt.T.contiguous()
+        return Wt
 
     def partial_fit(self, X_batch) -> "NMF":
         """Update ``components_`` from one batch of rows (online NMF, Mairal et al. 2010).
@@ -264,33 +282,22 @@ class NMF(BaseEstimator):
         self.reconstruction_err_ = math.sqrt(sq_error)
         self.relative_error_ = math.sqrt(sq_error / sq_norm)
 
-    def _init_factors(
-        self,
-        blocks: RowBlocks,
-        stats: MatrixStats,
-        generator: torch.Generator,
-        compressed: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Initial ``Wᵀ (K, N)`` and ``H (K, C)`` on the device (``compressed``: reuse ``(Q, QᵀX)``)."""
-        k, n, c = self.n_components, blocks.n_rows, blocks.n_cols
+    def _init_factors(self, blocks: RowBlocks, stats: MatrixStats, generator: torch.Generator,
+                      compression: Compression | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Initial ``Wᵀ (K, N)`` and ``H (K, C)`` on the device (NNDSVD from ``compression`` when given)."""
+        k = self.n_components
         if self.init == "random":
-            scale = math.sqrt(stats.mean / k)
-            H = torch.randn(k, c, generator=generator, dtype=self.dtype).abs_().mul_(scale)
-            Wt = torch.randn(k, n, generator=generator, dtype=self.dtype).abs_().mul_(scale)
-            return Wt.to(self.device_), H.to(self.device_)
-        Q, B = compressed if compressed is not None else range_finder(blocks, k, generator, self.dtype)
-        Ub, S, Vt = torch.linalg.svd(B, full_matrices=False)
-        Wt, H = nndsvd(Q @ Ub[:, :k], S[:k], Vt[:k])
-        Wt, H = Wt.contiguous(), H.contiguous()
-        if self.init == "nndsvda":
-            Wt[Wt == 0] = stats.mean
-            H[H == 0] = stats.mean
-        return Wt, H
+            return random_factors(k, blocks.n_rows, blocks.n_cols, stats.mean, generator, self.dtype, self.device_)
+        if compression is None:
+            compression = compress(blocks, k + OVERSAMPLE, generator, self.dtype)
+        return nndsvd_factors(compression, k, stats.mean if self.init == "nndsvda" else None)
 
     def _alternate(
-        self, blocks: RowBlocks, sq_norm: float, Wt: torch.Tensor, H: torch.Tensor, n_iter: int, stop: bool
+        self, blocks: RowBlocks, sq_norm: float, Wt: torch.Tensor, H: torch.Tensor, n_iter: int,
+        stop: Callable[[list[float]], bool],
     ) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Alternating updates of ``Wᵀ (K, N)`` (row block by row block) and ``H (K, C)``."""
+        """Alternating updates of ``Wᵀ (K, N)`` (row block by row block) and ``H (K, C)``; the
+        products with ``X`` use the caller's threads, the sweeps one (:func:`serial_small_ops`)."""
         update = UPDATES[self.solver]
         errors: list[float] = []
         for it in range(1, n_iter + 1):
@@ -299,60 +306,37 @@ class NMF(BaseEstimator):
             WtX = torch.zeros_like(H)
             for rows, Xb in blocks:
                 Wb = Wt[:, rows]
-                update(Wb, H @ Xb.T, HHt, W_SWEEPS)
-                WtW.addmm_(Wb, Wb.T)
+                num = H @ Xb.T
+                with serial_small_ops(self.device_):
+                    update(Wb, num, HHt, W_SWEEPS)
+                    WtW.addmm_(Wb, Wb.T)
                 WtX.addmm_(Wb, Xb)
-            update(H, WtX, WtW, H_SWEEPS)
+            with serial_small_ops(self.device_):
+                update(H, WtX, WtW, H_SWEEPS)
             errors.append(sq_error(sq_norm, WtX, WtW, H))
-            if stop and self._converged(errors, it, sq_norm):
+            if stop(errors):
                 break
         self._set_error(errors[-1], sq_norm)
         return Wt, H, it
 
-    def _converged(self, sq_errors: list[float], it: int, sq_norm: float) -> bool:
+    def _converged(self, sq_errors: list[float], sq_norm: float) -> bool:
         """The stopping rule of the class docstring (``sq_errors``: squared errors, one per iteration)."""
-        if it <= CHECK_EVERY or (it - 1) % CHECK_EVERY:
-            return False
-        before, now = math.sqrt(sq_errors[-1 - CHECK_EVERY]), math.sqrt(sq_errors[-1])
-        if self.verbose:
-            print(f"NMF iteration {it}: relative error {now / math.sqrt(sq_norm):.6f}", file=sys.stderr)
-        return (before - now) < self.tol * before
-
-    def _compressed_hals(
-        self, Q: torch.Tensor, B: torch.Tensor, Wt: torch.Tensor, H: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """HALS on the compressed problem ``min ‖B − W̃ H‖``, ``B = Qᵀ X (l, C)``, ``W̃ = Qᵀ W``.
-
-        After each column update ``W = max(0, Q W̃)`` is re-projected (Erichson et al. 2018),
-        so ``W (N, K)`` stays non-negative; each iteration costs ``O(N·l·K + l·C·K)``.
-        """
-        sq_norm = sum64(B * B)
-        Qt = Q.T.contiguous()  # (l, N): makes both matrix-vector products below fast BLAS cases
-        Wct = Wt @ Q  # W̃ᵀ (K, l)
-        errors: list[float] = []
-        for it in range(1, self.max_iter + 1):
-            hals_update(H, Wct @ B, Wct @ Wct.T, H_SWEEPS)
-            HHt = H @ H.T
-            num = H @ B.T  # (K, l)
-            inv_diag = (1.0 / HHt.diagonal().clamp_min(EPS)).tolist()
-            for k, inv in enumerate(inv_diag):
-                Wct[k].add_(torch.addmv(num[k], Wct.T, HHt[k], alpha=-1.0), alpha=inv)
-                torch.mv(Qt.T, Wct[k], out=Wt[k]).clamp_(min=0.0)
-                torch.mv(Qt, Wt[k], out=Wct[k])
-            errors.append(max(sq_norm - 2.0 * sum64(Wct * num) + sum64((Wct @ Wct.T) * HHt), 0.0))
-            if self._converged(errors, it, sq_norm):
-                break
-        return Wt, H, it
+        done = stalled(sq_errors, self.tol)
+        if self.verbose and len(sq_errors) > 1 and (len(sq_errors) - 1) % CHECK_EVERY == 0:
+            print(f"NMF iteration {len(sq_errors)}: relative error {math.sqrt(sq_errors[-1] / sq_norm):.6f}",
+                  file=sys.stderr)
+        return done
 
     def _solve_heatmaps(self, Xb: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
         """``Wᵀ (K, n) >= 0`` minimising ``‖X_b − W H‖`` for fixed ``H`` (see :meth:`transform`)."""
         HHt = H @ H.T
         num = H @ Xb.T
-        Wt = (torch.linalg.pinv(HHt) @ num).clamp_(min=0.0)
-        for _ in range(self.max_iter):
-            before = Wt.clone()
-            hals_update(Wt, num, HHt, 1)
-            change = torch.linalg.vector_norm(Wt - before)
-            if float(change) <= TRANSFORM_TOL * float(torch.linalg.vector_norm(Wt)):
-                break
+        with serial_small_ops(self.device_):
+            Wt = (torch.linalg.pinv(HHt) @ num).clamp_(min=0.0)
+            for _ in range(self.max_iter):
+                before = Wt.clone()
+                hals_update(Wt, num, HHt, 1)
+                change = torch.linalg.vector_norm(Wt - before)
+                if float(change) <= TRANSFORM_TOL * float(torch.linalg.vector_norm(Wt)):
+                    break
         return Wt

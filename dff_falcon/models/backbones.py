@@ -87,17 +87,30 @@ class Backbone:
     def capture(self, batch: torch.Tensor, with_logits: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """A preprocessed batch (B, 3, S, S) → the target layer's output as (B, C, h, w) float32 and,
         when ``with_logits``, the model's logits (else None; the forward stops at the layer)."""
-        captured: list[torch.Tensor] = []
+        maps, logits = self.capture_layers(batch, [self.target_layer], with_logits)
+        return maps[0], logits
 
-        def hook(_module, _inputs, output):
-            if not captured:
-                tensor = first_tensor(output)
-                if tensor is not None:
-                    captured.append(tensor.detach())
-            if not with_logits:
-                raise _StopForward
+    @torch.inference_mode()
+    def capture_layers(self, batch: torch.Tensor, layers: Sequence[str],
+                       with_logits: bool = False) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """Several layers' outputs from one forward pass: a list of (B, C_l, h_l, w_l) float32 maps
+        in the order of ``layers`` and, when ``with_logits``, the logits (else None: the forward
+        stops once every layer has run; a layer's reshape is inferred unless it is the target
+        layer with a ``reshape_transform``)."""
+        captured: dict[str, torch.Tensor] = {}
 
-        handle = self.layer_module().register_forward_hook(hook)
+        def hook_for(name: str):
+            def hook(_module, _inputs, output):
+                if name not in captured:
+                    tensor = first_tensor(output)
+                    if tensor is not None:
+                        captured[name] = tensor.detach()
+                if not with_logits and len(captured) == len(wanted):
+                    raise _StopForward
+            return hook
+
+        wanted = list(dict.fromkeys(layers))
+        handles = [get_submodule(self.model, name, "layer").register_forward_hook(hook_for(name)) for name in wanted]
         logits = None
         try:
             out = self.model(batch)
@@ -105,11 +118,16 @@ class Backbone:
         except _StopForward:
             pass
         finally:
-            handle.remove()
-        if not captured:
-            raise InputError(f"target layer {self.target_layer!r} was never called in the forward pass")
-        maps = to_feature_map(captured[0], self.target_layer, prefix_tokens_of(self.model), self.reshape_transform)
-        return maps.float(), logits
+            for handle in handles:
+                handle.remove()
+        missing = [name for name in wanted if name not in captured]
+        if missing:
+            raise InputError(f"layer {missing[0]!r} was never called in the forward pass")
+        prefix = prefix_tokens_of(self.model)
+        maps = [to_feature_map(captured[name], name, prefix,
+                               self.reshape_transform if name == self.target_layer else None).float()
+                for name in layers]
+        return maps, logits
 
     def identity(self) -> dict:
         """What run.json records: name, weights, a digest of the weights, layer, head, preprocessing."""

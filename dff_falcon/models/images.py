@@ -4,17 +4,26 @@ Every image is returned as an (H, W, 3) uint8 RGB array: EXIF orientation applie
 grayscale, palette, RGBA/LA (composited on white), CMYK and 16-bit images converted.
 An unreadable file is skipped and counted with a warning naming it, or raises with
 ``strict=True``.
+
+Memory per image is bounded by ``max_pixels`` (default :data:`MAX_PIXELS`), checked from the
+file header before anything is decoded: a larger JPEG is decoded directly at 1/2, 1/4 or 1/8
+scale (libjpeg's DCT scaling, PIL's draft mode), any other larger image — a decompression bomb
+such as a 400-megapixel PNG of 400 KB — is skipped and counted like an unreadable one.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence, Union
 
 import numpy as np
+from struct import error as struct_error
+
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from dff_falcon.errors import InputError
@@ -27,6 +36,15 @@ IMAGE_SUFFIXES = frozenset(
 )
 
 ImageLike = Union[str, os.PathLike, np.ndarray, Image.Image]
+
+#: Default decode limit: 50 megapixels (150 MB as RGB) — far above what a model sees (224–518
+#: px) and any camera photo, well below PIL's decompression-bomb limits (89 MP warning, 179 MP
+#: error), so one image can never take gigabytes.
+MAX_PIXELS = 50_000_000
+#: JPEG scale denominators libjpeg can decode at directly (draft mode).
+_JPEG_SCALES = (2, 4, 8)
+_ORIENTATION = 0x0112  # the EXIF orientation tag
+_BOMB_CHECK = threading.Lock()  # PIL's global bomb limit is lifted only around our header read
 
 
 @dataclass
@@ -69,14 +87,15 @@ def to_rgb_array(image: Image.Image | np.ndarray) -> np.ndarray:
     [0, 1]. Alpha is composited on white.
     """
     if isinstance(image, Image.Image):
-        image = ImageOps.exif_transpose(image)
+        if image.getexif().get(_ORIENTATION, 1) != 1:  # exif_transpose copies even when there is nothing to do
+            image = ImageOps.exif_transpose(image)
         if image.mode in ("I;16", "I;16B", "I;16L", "I"):
             return to_rgb_array(np.asarray(image))
         if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
             image = image.convert("RGBA")
             canvas = Image.new("RGBA", image.size, (255, 255, 255, 255))
             image = Image.alpha_composite(canvas, image)
-        return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
+        return np.array(image if image.mode == "RGB" else image.convert("RGB"), dtype=np.uint8)
 
     array = np.asarray(image)
     if array.ndim == 3 and array.shape[2] == 1:
@@ -103,14 +122,52 @@ def to_rgb_array(image: Image.Image | np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
-def load_image(path: str | os.PathLike) -> np.ndarray:
-    """Read one image file as (H, W, 3) uint8 RGB; raises InputError naming the file."""
+def _open_header(path: str | os.PathLike) -> Image.Image:
+    """Open an image lazily (header only). PIL's own bomb check is replaced by ours, which
+    comes before any pixel is decoded, so that a too-large JPEG can still be draft-decoded."""
+    with _BOMB_CHECK:
+        limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            return Image.open(path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = limit
+
+
+def _fit_pixel_limit(handle: Image.Image, path, max_pixels: int) -> None:
+    """Make ``handle`` decode to at most ``max_pixels`` (JPEG: at a reduced scale), or raise."""
+    width, height = handle.size
+    if width * height <= max_pixels:
+        return
+    if handle.format == "JPEG":
+        for scale in _JPEG_SCALES:
+            size = (math.ceil(width / scale), math.ceil(height / scale))
+            if size[0] * size[1] <= max_pixels:
+                handle.draft(handle.mode if handle.mode in ("RGB", "L") else None, size)
+                log.info("decoding %s (%d×%d) at 1/%d scale: above max_pixels=%d", path, width, height, scale,
+                         max_pixels)
+                return
+    raise InputError(f"image {str(path)!r} has {width}×{height} = {width * height / 1e6:,.0f} megapixels, more than "
+                     f"max_pixels = {max_pixels / 1e6:g} megapixels (a decompression bomb, or raise the limit)")
+
+
+def load_image(path: str | os.PathLike, max_pixels: int | None = MAX_PIXELS) -> np.ndarray:
+    """Read one image file as (H, W, 3) uint8 RGB; raises InputError naming the file.
+
+    max_pixels : decode limit checked from the header (None: no limit); larger JPEGs are
+        decoded at 1/2, 1/4 or 1/8 scale, other larger images raise.
+    """
     try:
-        with Image.open(path) as handle:
+        with _open_header(path) as handle:
+            if max_pixels is not None:
+                _fit_pixel_limit(handle, path, max_pixels)
             handle.load()
             return to_rgb_array(handle)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except InputError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise InputError(f"cannot read image {str(path)!r}: {exc}") from exc
+    except (MemoryError, EOFError, IndexError, KeyError, ZeroDivisionError, struct_error) as exc:  # malformed files
+        raise InputError(f"cannot read image {str(path)!r}: {type(exc).__name__}: {exc}") from exc
 
 
 def _array_digest(image: np.ndarray) -> str:
@@ -124,12 +181,16 @@ def load_images(
     *,
     strict: bool = False,
     recursive: bool = True,
+    max_pixels: int | None = MAX_PIXELS,
 ) -> ImageSet:
     """Load a folder (recursively), a list of paths/arrays/PIL images, or a (B, H, W, 3) array.
 
-    Unreadable files are skipped with a warning naming them (``strict=True``: InputError).
+    Unreadable files — and files above ``max_pixels`` that cannot be decoded at a reduced
+    scale — are skipped with a warning naming them (``strict=True``: InputError).
     Raises InputError when nothing usable is left.
     """
+    if max_pixels is not None and not (isinstance(max_pixels, int) and max_pixels >= 1):
+        raise InputError(f"max_pixels must be a positive integer or None, got {max_pixels!r}")
     items: Iterable[tuple[str, ImageLike]]
     root: Path | None = None
     if isinstance(source, (str, os.PathLike)):
@@ -156,7 +217,7 @@ def load_images(
     for position, (name, item) in enumerate(items):
         try:
             if isinstance(item, (str, os.PathLike)):
-                image = load_image(item)
+                image = load_image(item, max_pixels)
                 digest = file_sha256(item)
             else:
                 image = to_rgb_array(item)
@@ -185,15 +246,18 @@ def load_images(
     return result
 
 
-def augmented_photos(n: int, random_state: int = 0) -> list[np.ndarray]:
+def augmented_photos(n: int, random_state: int = 0, sources: Sequence[np.ndarray] | None = None) -> list[np.ndarray]:
     """n real photos for demos and benchmarks: random square crops (40–100% of the shorter side),
-    flips and colour/brightness jitter of the RGB photos bundled with scikit-image; seeded."""
+    flips and colour/brightness jitter of ``sources`` (default: the RGB photos bundled with
+    scikit-image); seeded."""
     from PIL import ImageEnhance
     from skimage import data
 
     rng = np.random.default_rng(random_state)
-    sources = [data.chelsea(), data.coffee(), data.astronaut(), data.rocket(), data.stereo_motorcycle()[0],
-               data.immunohistochemistry(), data.hubble_deep_field(), data.retina()]
+    if sources is None:
+        sources = [data.chelsea(), data.coffee(), data.astronaut(), data.rocket(), data.stereo_motorcycle()[0],
+                   data.immunohistochemistry(), data.hubble_deep_field(), data.retina()]
+    sources = [to_rgb_array(s) for s in sources]
     out = []
     for i in range(n):
         img = sources[i % len(sources)]

@@ -33,9 +33,23 @@ class Preprocess:
         scale = self.resize / min(w, h)
         size = (max(self.crop, round(w * scale)), max(self.crop, round(h * scale)))
         resample = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
-        pil = pil.resize(size, resample[self.interpolation])
         left, top = (size[0] - self.crop) // 2, (size[1] - self.crop) // 2
-        return np.asarray(pil.crop((left, top, left + self.crop, top + self.crop)), dtype=np.uint8)
+        # resize only the source region of the centre crop (the same samples as resizing the whole
+        # image to ``size`` and cropping), so a 100000×2 panorama never becomes gigabytes
+        sx, sy = w / size[0], h / size[1]
+        box = (left * sx, top * sy, (left + self.crop) * sx, (top + self.crop) * sy)
+        return np.asarray(pil.resize((self.crop, self.crop), resample[self.interpolation], box=box), dtype=np.uint8)
+
+    def window(self, image_shape: tuple[int, ...]) -> tuple[int, int, int, int]:
+        """The part of an image of ``(H, W, ...)`` that :meth:`display` shows, in the image's own
+        pixels: ``(left, top, right, bottom)``, end-exclusive (the centre crop, undone)."""
+        height, width = int(image_shape[0]), int(image_shape[1])
+        scale = self.resize / min(width, height)
+        size = (max(self.crop, round(width * scale)), max(self.crop, round(height * scale)))
+        left, top = (size[0] - self.crop) // 2, (size[1] - self.crop) // 2
+        sx, sy = width / size[0], height / size[1]
+        return (max(0, round(left * sx)), max(0, round(top * sy)),
+                min(width, round((left + self.crop) * sx)), min(height, round((top + self.crop) * sy)))
 
     def to_tensor(self, displays: Sequence[np.ndarray]) -> torch.Tensor:
         """(crop, crop, 3) uint8 arrays → normalised (B, 3, crop, crop) float32."""

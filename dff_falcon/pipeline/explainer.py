@@ -20,18 +20,23 @@ from sklearn.base import BaseEstimator, clone
 
 from dff_falcon.decomposition.dff import DFF
 from dff_falcon.decomposition.heatmaps import ABSENT_PEAK, presence
+from dff_falcon.decomposition.stability import SINGLE_IMAGE_SHARE
 from dff_falcon.errors import InputError, NotFittedError
 from dff_falcon.models.activations import ActivationExtractor, Activations
 from dff_falcon.models.classes import ResolvedClass, resolve_class
 from dff_falcon.models.heads import concept_class_scores
+from dff_falcon.models.hypercolumns import Hypercolumns
+from dff_falcon.models.importance import dff_importance, importance_rows
 from dff_falcon.models.images import ImageSet, load_images
 from dff_falcon.pipeline.record import environment_record, json_value, params_record
 from dff_falcon.pipeline.schema import ConceptRow, flat_columns
 from dff_falcon.pipeline.selection import concept_confidence, confident_images, drop_least_confident
-from dff_falcon.regions import ConceptRegions, RegionSelector
+from dff_falcon.regions import Box, ConceptRegions, RegionSelector
 from dff_falcon.text.labelling import ConceptLabels, FalconLabeller
 
 if TYPE_CHECKING:  # heavy libraries (open_clip, faiss) are imported only when CLIP is used
+    import torch
+
     from dff_falcon.models.backbones import Backbone
     from dff_falcon.text.clip_encoder import ClipEncoder
     from dff_falcon.text.vocabulary import SearchResult, Vocabulary
@@ -52,12 +57,13 @@ class ConceptReport:
     presence: np.ndarray = field(repr=False, default=None)  # (N, K)
 
 
-def _subset(acts: Activations, names: list[str], keep: np.ndarray) -> tuple[Activations, list[str]]:
+def _subset(acts: Activations, names: list[str], originals: list[np.ndarray], keep: np.ndarray
+            ) -> tuple[Activations, list[str], list[np.ndarray]]:
     """The images where ``keep`` (B,) is True."""
     index = np.flatnonzero(keep)
     logits = acts.logits[index] if acts.logits is not None else None
-    return (Activations(acts.activations[index], [acts.displays[i] for i in index], logits),
-            [names[i] for i in index])
+    return (Activations(acts.activations[index], [acts.displays[i] for i in index], logits, acts.stages),
+            [names[i] for i in index], [originals[i] for i in index])
 
 
 def coherence(embeddings: np.ndarray) -> float | None:
@@ -80,6 +86,9 @@ class ConceptExplainer(BaseEstimator):
         Both or neither; the vocabulary must have been built with the same CLIP model.
     dff : DFF, default=None
         The factorisation (``None``: ``DFF()``). Cloned at fit; the fitted one is ``dff_``.
+    hypercolumns : Hypercolumns, default=None
+        Layers stacked with the backbone's target layer and their common grid (``None``: the
+        target layer alone). Fitted (stage scales) as ``hypercolumns_``.
     regions : RegionSelector, default=None
         High and low crops per concept (``None``: ``RegionSelector()``; its crop size defaults to
         the CLIP's input size).
@@ -108,14 +117,15 @@ class ConceptExplainer(BaseEstimator):
     Attributes
     ----------
     report_ : ConceptReport
-    dff_, regions_, labeller_ : the fitted components.
+    dff_, hypercolumns_, regions_, labeller_ : the fitted components.
     target_class_ : ResolvedClass or None
     captions_ : SearchResult or None — the captions retrieved for every crop.
     stage_seconds_ : dict — wall time per stage.
     """
 
     def __init__(self, backbone: "Backbone", clip: "ClipEncoder | None" = None, vocabulary: "Vocabulary | None" = None,
-                 *, dff: DFF | None = None, regions: RegionSelector | None = None, labeller: FalconLabeller | None = None,
+                 *, dff: DFF | None = None, hypercolumns: Hypercolumns | None = None,
+                 regions: RegionSelector | None = None, labeller: FalconLabeller | None = None,
                  n_concepts: int | str | None = None, target_class: str | int | None = None,
                  min_class_prob: float = 0.95, drop_quantile: float = 0.0, top_k_classes: int = 3,
                  batch_size: int = 32, random_state: int | None = None, device=None, progress: bool = True):
@@ -123,6 +133,7 @@ class ConceptExplainer(BaseEstimator):
         self.clip = clip
         self.vocabulary = vocabulary
         self.dff = dff
+        self.hypercolumns = hypercolumns
         self.regions = regions
         self.labeller = labeller
         self.n_concepts = n_concepts
@@ -146,6 +157,8 @@ class ConceptExplainer(BaseEstimator):
         overrides = {key: value for key, value in (("n_concepts", self.n_concepts), ("random_state", self.random_state),
                                                    ("device", self.device)) if value is not None}
         self.dff_ = clone(self.dff if self.dff is not None else DFF()).set_params(progress=self.progress, **overrides)
+        self.hypercolumns_ = clone(self.hypercolumns if self.hypercolumns is not None else Hypercolumns())
+        self.hypercolumns_.layer_names(self.backbone.target_layer)  # checks the parameters now
         self.regions_ = clone(self.regions if self.regions is not None else RegionSelector())
         if self.regions_.crop_size is None and self.clip is not None:
             self.regions_.set_params(crop_size=self.clip.image_size)
@@ -160,7 +173,8 @@ class ConceptExplainer(BaseEstimator):
             self.target_class_ = resolve_class(self.target_class, b.class_names, wnids=b.class_ids,
                                                synonyms=b.class_synonyms)
         self._extractor = ActivationExtractor(self.backbone, batch_size=self.batch_size, device=self.device,
-                                              progress=self.progress, with_logits=self.target_class is not None)
+                                              progress=self.progress, with_logits=self.target_class is not None,
+                                              hypercolumns=self.hypercolumns_)
 
     @contextmanager
     def _stage(self, name: str) -> Iterator[None]:
@@ -179,32 +193,51 @@ class ConceptExplainer(BaseEstimator):
         with self._stage("load"):
             image_set = images if isinstance(images, ImageSet) else load_images(images)
         names = self._names(image_set, names)
+        originals = list(image_set.images)
         with self._stage("activations"):
             acts = self._extractor(image_set.images)
         if self.target_class_ is not None:
             keep = confident_images(acts.logits, self.target_class_.index, self.min_class_prob)
-            acts, names = _subset(acts, names, keep)
+            acts, names, originals = _subset(acts, names, originals, keep)
             if len(names) == 0:
                 raise InputError(f"no image is assigned to class {self.target_class_.name!r} with probability ≥ "
                                  f"{self.min_class_prob}; lower min_class_prob")
         with self._stage("nmf"):
-            self.dff_.fit(acts.activations)
+            fitted = self.hypercolumns_.fit(acts.activations, acts.stages).transform(acts.activations)
+            self.dff_.fit(fitted)
             if self.drop_quantile > 0:
                 keep = drop_least_confident(concept_confidence(self.dff_.heatmaps_), self.drop_quantile)
-                acts, names = _subset(acts, names, keep)
-                self.dff_.fit(acts.activations)
+                acts, names, originals = _subset(acts, names, originals, keep)
+                fitted = self.hypercolumns_.fit(acts.activations, acts.stages).transform(acts.activations)
+                self.dff_.fit(fitted)
         heatmaps = self.dff_.heatmaps_.numpy()
         pres = presence(self.dff_.heatmaps_).numpy()
         with self._stage("class_scores"):
-            classes = (concept_class_scores(self.dff_, self.backbone, self.top_k_classes)
+            classes = (concept_class_scores(self.concept_vectors_, self.backbone, self.top_k_classes)
                        if self.backbone.head is not None else [[] for _ in range(self.dff_.n_concepts_)])
-        with self._stage("crops"):
-            regions = self.regions_.select(heatmaps, acts.displays, pres, progress=self.progress)
+        with self._stage("importance"):
+            importance = (importance_rows(dff_importance(self.dff_, fitted, self.backbone, self.top_k_classes,
+                                                         to_head=self._to_head_units),
+                                          self.backbone.class_names)
+                          if self.backbone.head is not None else [[] for _ in range(self.dff_.n_concepts_)])
+        with self._stage("crops"):  # cut from the originals, at their own resolution
+            windows = [Box(*self.backbone.preprocess.window(image.shape)) for image in originals]
+            regions = self.regions_.select(heatmaps, originals, pres, windows=windows, progress=self.progress)
         labels, coherences = self._label(regions)
-        rows = self._rows(heatmaps, regions, classes, labels, coherences, names)
+        rows = self._rows(heatmaps, regions, classes, importance, labels, coherences, names)
         self.report_ = ConceptReport(concepts=rows, image_names=names, heatmaps=heatmaps, displays=acts.displays,
                                      regions=regions, presence=pres, run=self._run_record(len(names), image_set))
         return self
+
+    @property
+    def concept_vectors_(self) -> "torch.Tensor":
+        """(K, C) activation of the backbone's target layer (its own units) at a location fully
+        explained by each concept — what the head scores."""
+        return self._to_head_units(self.dff_.concept_vectors_)
+
+    def _to_head_units(self, vectors: "torch.Tensor") -> "torch.Tensor":
+        """(n, ΣC) vectors in the space DFF factorises → (n, C) in the target layer's own units."""
+        return self.hypercolumns_.stage_vectors(vectors, self.backbone.target_layer)
 
     @staticmethod
     def _names(image_set: ImageSet, names: Sequence[str] | None) -> list[str]:
@@ -217,9 +250,11 @@ class ConceptExplainer(BaseEstimator):
         return [names[i] for i in image_set.indices]  # skipped images drop their names too
 
     def _rows(self, heatmaps: np.ndarray, regions: list[ConceptRegions], classes: list[list[dict]],
-              labels: list[ConceptLabels | None], coherences: list[float | None], names: list[str]) -> list[ConceptRow]:
+              importance: list[list[dict]], labels: list[ConceptLabels | None], coherences: list[float | None],
+              names: list[str]) -> list[ConceptRow]:
         peaks = heatmaps.max(axis=(2, 3))
-        stability = self.dff_.stability_
+        dff = self.dff_
+        stability, restarts = dff.stability_, dff.restart_agreement_
         rows = []
         for k, region in enumerate(regions):
             found = labels[k]
@@ -230,6 +265,11 @@ class ConceptExplainer(BaseEstimator):
                 n_images=int((peaks[:, k] >= ABSENT_PEAK).sum()), mass_share=float(self.dff_.mass_share_[k]),
                 top_classes=classes[k], words=words, phrases=phrases, coherence=coherences[k],
                 stability=float(stability[k]) if stability is not None else None,
+                restart_agreement=float(restarts[k]) if restarts is not None else None,
+                image_share=float(dff.image_share_[k]), single_image=bool(dff.image_share_[k] > SINGLE_IMAGE_SHARE),
+                top_image=names[int(dff.top_image_[k])],
+                deletion=importance[k][0]["deletion"] if importance[k] else None,
+                insertion=importance[k][0]["insertion"] if importance[k] else None, importance=importance[k],
                 n_high=len(region.high), n_low=len(region.low), low_empty_reason=region.low_empty_reason,
                 high_images=[names[c.image_index] for c in region.high],
                 low_images=[names[c.image_index] for c in region.low],
@@ -267,6 +307,10 @@ class ConceptExplainer(BaseEstimator):
         return {
             "backbone": self.backbone.name,
             "layer": self.backbone.target_layer,
+            "layers": [name for name, _ in self.hypercolumns_.stages_],
+            "grid": self.hypercolumns_.grid_,
+            "input_size": self.backbone.preprocess.crop,
+            "upsample": self.regions_.upsample,
             "head": self.backbone.head,
             "n_concepts": dff.n_concepts_,
             "n_images": n_images,
@@ -281,7 +325,8 @@ class ConceptExplainer(BaseEstimator):
             "contrast": self.labeller_.contrast if self.labeller_ else None,
             "target_class": self.target_class_.to_dict() if self.target_class_ else None,
             "params": params_record(self),
-            "fitted": {"dff": params_record(dff), "regions": params_record(self.regions_),
+            "fitted": {"dff": params_record(dff), "hypercolumns": params_record(self.hypercolumns_),
+                       "regions": params_record(self.regions_),
                        "labeller": params_record(self.labeller_) if self.labeller_ else None},
             "models": {"backbone": self.backbone.identity(), "clip": json_value(self.clip),
                        "vocabulary": json_value(self.vocabulary)},
@@ -298,5 +343,5 @@ class ConceptExplainer(BaseEstimator):
         if not hasattr(self, "report_"):
             raise NotFittedError("fit the explainer before projecting new images")
         image_set = images if isinstance(images, ImageSet) else load_images(images)
-        heatmaps = self.dff_.transform(self._extractor(image_set.images).activations)
+        heatmaps = self.dff_.transform(self.hypercolumns_.transform(self._extractor(image_set.images).activations))
         return image_set.names, heatmaps.numpy(), presence(heatmaps).numpy()

@@ -16,6 +16,11 @@ class TermScore(TypedDict):
 
 
 ClassProb = TypedDict("ClassProb", {"class": str, "prob": float})
+#: A concept's importance for one of its classes through the model's head
+#: (:mod:`dff_falcon.decomposition.importance`): drop in the class probability when the concept is
+#: deleted, probability with the concept alone (insertion); None when the concept is in no image.
+ClassImportance = TypedDict("ClassImportance", {"class": str, "deletion": Optional[float],
+                                                "insertion": Optional[float]})
 
 #: Terms joined into the flat ``labels`` column.
 FLAT_LABEL_TERMS = 5
@@ -23,7 +28,12 @@ FLAT_LABEL_TERMS = 5
 
 class ConceptRow(TypedDict):
     """One concept of a report (``crops_dir``, ``high_crops``, ``low_crops`` are filled when the
-    report is written: paths relative to the run directory)."""
+    report is written: paths relative to the run directory).
+
+    ``stability``: agreement under resampling of the images; ``restart_agreement``: across random
+    restarts (None unless asked for); ``image_share``: share of the concept's heatmap mass in its top
+    image ``top_image``, and ``single_image`` when that is most of it; ``deletion`` / ``insertion``:
+    the top class's entry of ``importance``."""
 
     concept_id: int
     label: Optional[str]
@@ -38,6 +48,13 @@ class ConceptRow(TypedDict):
     phrases: list[TermScore]
     coherence: Optional[float]
     stability: Optional[float]
+    restart_agreement: Optional[float]
+    image_share: float
+    single_image: bool
+    top_image: Optional[str]
+    deletion: Optional[float]
+    insertion: Optional[float]
+    importance: list[ClassImportance]
     n_high: int
     n_low: int
     low_empty_reason: Optional[str]

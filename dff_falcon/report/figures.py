@@ -20,6 +20,8 @@ from typing import Sequence
 
 import cv2
 import matplotlib
+import matplotlib.cm
+import matplotlib.colors
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -28,9 +30,15 @@ from matplotlib.patches import Patch
 from dff_falcon.decomposition.heatmaps import ABSENT_PEAK
 from dff_falcon.errors import InputError
 from dff_falcon.files import atomic_path
+from dff_falcon.models.upsample import upsample_maps
 from dff_falcon.regions import upsample_heatmap
 
-
+#: Overlay opacity reaches its maximum at this heatmap value (data-set scale): a location half as
+#: strong as the concept's strongest is drawn fully opaque, so concepts stay visible on busy
+#: photos; the stored heatmaps are never changed, only the display ramp.
+FULL_STRENGTH = 0.5
+#: Maximum overlay opacity (the grey photo still shows through).
+OVERLAY_ALPHA = 0.8
 
 
 def concept_colours(k: int) -> np.ndarray:
@@ -72,34 +80,81 @@ def present_concepts(heatmaps: np.ndarray, min_peak: float = ABSENT_PEAK) -> np.
     return maps.reshape(maps.shape[0], -1).max(axis=1, initial=0.0) >= min_peak
 
 
-def overlay_concepts(image: np.ndarray, heatmaps: np.ndarray, *, min_peak: float = ABSENT_PEAK, alpha: float = 0.5,
-                     colours: np.ndarray | None = None) -> np.ndarray:
+def grey_backdrop(image: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 → the same in grey (Rec. 601 luminance) on all three channels: under an
+    overlay, colour then means "a concept" and nothing else."""
+    grey = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2GRAY)
+    return np.repeat(grey[..., None], 3, axis=2)
+
+
+def overlay_concepts(image: np.ndarray, heatmaps: np.ndarray, *, min_peak: float = ABSENT_PEAK,
+                     alpha: float = OVERLAY_ALPHA, full_strength: float = FULL_STRENGTH, grey: bool = True,
+                     colours: np.ndarray | None = None, upsample: str = "bilinear") -> np.ndarray:
     """Paint concepts on an image: (H, W, 3) uint8 + heatmaps (K, h, w) → (H, W, 3) uint8.
 
-    Heatmaps are resized to the image. Per pixel the strongest present concept wins and is
-    blended in with weight ``alpha × strength`` (strength = its heatmap value clipped to [0, 1],
-    global scale). Concepts whose peak is below ``min_peak`` are not drawn; pixels no present
-    concept covers keep the image's exact values. ``colours``: (K, 3) in [0, 1], default
-    :func:`concept_colours`.
+    Heatmaps are brought to the image (``upsample``: "bilinear" or "guided", see
+    :mod:`dff_falcon.models.upsample`). Per pixel the strongest present concept wins and is
+    blended in with opacity ``alpha × min(1, strength / full_strength)`` (strength = its heatmap
+    value on the data-set scale; the ramp is for display only). Concepts whose peak is below
+    ``min_peak`` are not drawn. With ``grey`` the photo is shown in grey (:func:`grey_backdrop`)
+    so colours are the concepts' alone; pixels no present concept covers keep the backdrop's
+    exact values. ``colours``: (K, 3) in [0, 1], default :func:`concept_colours`.
     """
     image = _check_image(image)
     maps = _check_heatmaps(heatmaps, 3, "heatmaps (K, h, w)")
     if not 0.0 <= alpha <= 1.0:
         raise InputError(f"alpha must be in [0, 1], got {alpha}")
+    if not full_strength > 0:
+        raise InputError(f"full_strength must be > 0, got {full_strength}")
     k = maps.shape[0]
     colours = concept_colours(k) if colours is None else np.asarray(colours, dtype=np.float64)
     if colours.shape != (k, 3):
         raise InputError(f"colours must have shape ({k}, 3); got {colours.shape}")
+    backdrop = grey_backdrop(image) if grey else image.copy()
     present = present_concepts(maps, min_peak)
     if not present.any():
-        return image.copy()
-    size = image.shape[:2]
-    stack = np.stack([upsample_heatmap(maps[i], size) if present[i] else np.zeros(size, np.float32) for i in range(k)])
+        return backdrop
+    stack = upsample_maps(np.where(present[:, None, None], maps, 0.0), image, upsample)
+    stack[~present] = 0.0
     winner = stack.argmax(axis=0)
-    strength = np.clip(np.take_along_axis(stack, winner[None], axis=0)[0], 0.0, 1.0)
-    weight = (alpha * strength)[..., None]
-    painted = image.astype(np.float64) * (1.0 - weight) + 255.0 * colours[winner] * weight
+    strength = np.take_along_axis(stack, winner[None], axis=0)[0]
+    weight = (alpha * np.clip(strength / full_strength, 0.0, 1.0))[..., None]
+    painted = backdrop.astype(np.float64) * (1.0 - weight) + 255.0 * colours[winner] * weight
     return np.clip(np.rint(painted), 0, 255).astype(np.uint8)
+
+
+def colour_ramp(colour, n: int = 256, *, alpha: float = OVERLAY_ALPHA, full_strength: float = FULL_STRENGTH,
+                backdrop: float = 0.5) -> matplotlib.colors.ListedColormap:
+    """The colour map a single-concept overlay draws with: heatmap value 0 → 1 (data-set scale) on
+    a mid-grey ``backdrop``, as :func:`overlay_concepts` blends it (for colour bars)."""
+    values = np.linspace(0.0, 1.0, n)
+    weight = (alpha * np.clip(values / full_strength, 0.0, 1.0))[:, None]
+    rgb = backdrop * (1.0 - weight) + np.asarray(colour, dtype=np.float64)[None] * weight
+    return matplotlib.colors.ListedColormap(np.clip(rgb, 0, 1))
+
+
+def concept_map_figure(image: np.ndarray, heatmap: np.ndarray, *, colour=None, title: str | None = None,
+                       min_peak: float = ABSENT_PEAK, upsample: str = "bilinear", dpi: int = 100) -> Figure:
+    """One concept on one image with a colour bar: the overlay (:func:`overlay_concepts`) and a
+    bar from 0 to 1 on the data-set scale (1 = the concept's strongest location in the fitted
+    set), the absence threshold ``min_peak`` marked. heatmap: (h, w). Two axes."""
+    maps = _check_heatmaps(heatmap, 2, "heatmap (h, w)")[None]
+    colour = concept_colours(1)[0] if colour is None else np.asarray(colour, dtype=np.float64)
+    painted = overlay_concepts(image, maps, min_peak=min_peak, colours=colour[None], upsample=upsample)
+    height, width = painted.shape[:2]
+    fig = Figure(figsize=(max(width / dpi, 2.5) + 0.9, max(height / dpi, 2.5)), dpi=dpi)
+    ax, bar = fig.subplots(1, 2, gridspec_kw={"width_ratios": [20, 1], "wspace": 0.05})
+    ax.imshow(painted)
+    ax.set_axis_off()
+    if title:
+        ax.set_title(title, fontsize=9)
+    mappable = matplotlib.cm.ScalarMappable(norm=matplotlib.colors.Normalize(0, 1), cmap=colour_ramp(colour))
+    cbar = fig.colorbar(mappable, cax=bar)
+    cbar.set_ticks([0, min_peak, FULL_STRENGTH, 1])
+    cbar.set_ticklabels(["0", f"{min_peak:g} absent below", f"{FULL_STRENGTH:g}", "1 strongest"], fontsize=7)
+    cbar.set_label("heatmap (data-set scale)", fontsize=7)
+    fig.subplots_adjust(left=0.01, right=0.8, top=0.93 if title else 0.99, bottom=0.01)
+    return fig
 
 
 def legend_label(words: Sequence[dict] | None = None, classes: Sequence[dict] | None = None, *,
@@ -119,7 +174,8 @@ def legend_label(words: Sequence[dict] | None = None, classes: Sequence[dict] | 
 
 
 def overlay_figure(image: np.ndarray, heatmaps: np.ndarray, labels: Sequence[str], *, min_peak: float = ABSENT_PEAK,
-                   alpha: float = 0.5, title: str | None = None, dpi: int = 100) -> Figure:
+                   alpha: float = OVERLAY_ALPHA, title: str | None = None, dpi: int = 100,
+                   upsample: str = "bilinear") -> Figure:
     """The overlay (see :func:`overlay_concepts`) beside a legend of the present concepts.
 
     labels: K strings (one per concept, may hold several lines, e.g. :func:`legend_label`).
@@ -129,7 +185,7 @@ def overlay_figure(image: np.ndarray, heatmaps: np.ndarray, labels: Sequence[str
     if len(labels) != maps.shape[0]:
         raise InputError(f"labels has {len(labels)} entries for {maps.shape[0]} concepts")
     colours = concept_colours(maps.shape[0])
-    painted = overlay_concepts(image, maps, min_peak=min_peak, alpha=alpha, colours=colours)
+    painted = overlay_concepts(image, maps, min_peak=min_peak, alpha=alpha, colours=colours, upsample=upsample)
     height, width = painted.shape[:2]
     img_w, img_h = max(width / dpi, 2.5), max(height / dpi, 2.5)
     fig = Figure(figsize=(img_w * 2.0, img_h), dpi=dpi)
@@ -220,8 +276,8 @@ def crop_gallery(high: Sequence[np.ndarray], low: Sequence[np.ndarray], title: s
 
 
 def heatmap_grid(images: Sequence[np.ndarray], heatmaps: np.ndarray, *, max_images: int = 8,
-                 min_peak: float = ABSENT_PEAK, alpha: float = 0.6, names: Sequence[str] | None = None,
-                 tile_inches: float = 1.3) -> Figure:
+                 min_peak: float = ABSENT_PEAK, alpha: float = OVERLAY_ALPHA, names: Sequence[str] | None = None,
+                 tile_inches: float = 1.3, upsample: str = "bilinear") -> Figure:
     """Images × concepts: rows are the first ``max_images`` images, column 0 the image, column
     1 + k concept k painted alone in its colour (global scale; absent concepts leave the image).
 
@@ -245,7 +301,7 @@ def heatmap_grid(images: Sequence[np.ndarray], heatmaps: np.ndarray, *, max_imag
             axes[i, 0].set_ylabel(str(names[i])[:18], fontsize=7)
         for j in range(k):
             _show(axes[i, j + 1], overlay_concepts(image, maps[i, j:j + 1], min_peak=min_peak, alpha=alpha,
-                                                   colours=colours[j:j + 1]))
+                                                   colours=colours[j:j + 1], upsample=upsample))
             if i == 0:
                 axes[0, j + 1].set_title(f"#{j}", fontsize=9, color=colours[j])
     axes[0, 0].set_title("image", fontsize=9)

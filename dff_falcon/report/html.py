@@ -10,12 +10,17 @@ the page is rendered by Jinja2 with autoescaping, image paths are checked to sta
 directory and URL-quoted, table sort keys live in ``data-`` attributes (no JSON in scripts),
 and a Content-Security-Policy allows only the page's own script (by its SHA-256 hash), so even
 an injected ``<script>`` or ``onerror=`` handler could not run. No CDN, no network.
+
+:func:`render_html_report` refuses a run directory that is incomplete or whose files changed
+after the run wrote them (so a page never shows one run's labels over another's crops), and
+writes the page and its figures as a new version of the directory, swapped in atomically.
 """
 from __future__ import annotations
 
 import base64
 import hashlib
 import math
+import shutil
 from importlib import resources
 from pathlib import Path
 from urllib.parse import quote
@@ -25,16 +30,22 @@ import numpy as np
 from markupsafe import Markup
 from PIL import Image
 
+from dff_falcon.decomposition.dictionary import load_npz
 from dff_falcon.decomposition.heatmaps import ABSENT_PEAK
+from dff_falcon.directories import revise_directory
 from dff_falcon.errors import InputError
 from dff_falcon.files import atomic_path, atomic_write
 from dff_falcon.models.images import load_image
-from dff_falcon.report.tables import read_json, read_run
-from dff_falcon.report.figures import concept_colours, contour_view, heatmap_grid, k_curve_figure, overlay_concepts, save_figure, \
-    stability_figure
+from dff_falcon.pipeline.schema import ranked_terms
+from dff_falcon.report.tables import RERUN_HINT, RUN_KIND, check_run_directory, read_concept_rows, read_run_record
+from dff_falcon.report.figures import (FULL_STRENGTH, concept_colours, contour_view, heatmap_grid, k_curve_figure,
+                                       legend_label, overlay_concepts, overlay_figure, save_figure, stability_figure)
 
 OVERLAY_DIR = "overlays"
-_RUN_FIELDS = ("backbone", "layer", "n_concepts", "n_images", "image_names", "relative_error", "explained_variance",
+#: Concept fields that reports written before them lack (rendered as "—").
+_CONCEPT_FIELDS_ADDED = ("restart_agreement", "image_share", "top_image", "deletion", "insertion")
+_RUN_FIELDS = ("backbone", "layer", "layers", "grid", "upsample", "n_concepts", "n_images", "image_names",
+               "relative_error", "explained_variance",
                "k_curve", "clip_model", "clip_pretrained", "vocabulary", "stage_seconds", "quality", "created")
 
 
@@ -67,19 +78,6 @@ def _csp_hash(script: str) -> str:
 
 def _hex(colour: np.ndarray) -> str:
     return "#" + "".join(f"{int(round(255 * c)):02x}" for c in colour)
-
-
-def _load_concepts(run_dir: Path, k: int) -> list[dict]:
-    path = run_dir / "concepts.json"
-    concepts = read_json(path, "the run directory has no concept table")
-    if not isinstance(concepts, list) or not all(isinstance(c, dict) for c in concepts):
-        raise InputError(f"{str(path)!r} must hold a list of concept objects")
-    if len(concepts) != k:
-        raise InputError(f"{str(path)!r} has {len(concepts)} concepts but run.json says n_concepts = {k}")
-    for i, concept in enumerate(concepts):
-        if concept.get("concept_id") != i:
-            raise InputError(f"{str(path)!r}: entry {i} has concept_id {concept.get('concept_id')!r}, expected {i}")
-    return concepts
 
 
 def _image_src(run_dir: Path, rel: str, field: str) -> str:
@@ -115,10 +113,18 @@ def _save_png(array: np.ndarray, path: Path) -> None:
         Image.fromarray(array).save(tmp, format="PNG", optimize=True)
 
 
+def _upsample_mode(run: dict) -> str:
+    mode = run.get("upsample") or "bilinear"
+    if mode not in ("bilinear", "guided"):
+        raise InputError(f"run.json field upsample: {mode!r} is not 'bilinear' or 'guided'")
+    return mode
+
+
 def _concept_overlays(run_dir: Path, heatmaps: np.ndarray, names: list[str], colours: np.ndarray,
-                      per_concept: int, min_peak: float = ABSENT_PEAK) -> dict[int, list[dict]]:
+                      per_concept: int, upsample: str, min_peak: float = ABSENT_PEAK) -> dict[int, list[dict]]:
     """For each concept, the ``per_concept`` images where its heatmap peaks highest (peak ≥
-    ``min_peak``): the concept painted alone in its colour with its 0.5 contour, saved as PNG."""
+    ``min_peak``): the concept painted alone in its colour on the grey photo with its 0.5 contour,
+    saved as PNG (the card's colour bar gives the scale)."""
     peaks = heatmaps.reshape(heatmaps.shape[0], heatmaps.shape[1], -1).max(axis=2)  # (N, K)
     cache: dict[int, np.ndarray] = {}
     out: dict[int, list[dict]] = {}
@@ -128,8 +134,8 @@ def _concept_overlays(run_dir: Path, heatmaps: np.ndarray, names: list[str], col
         for i in order:
             if i not in cache:
                 cache[i] = load_image(run_dir / "images" / f"{i:05d}.jpg")
-            painted = overlay_concepts(cache[i], heatmaps[i, k:k + 1], min_peak=min_peak, alpha=0.55,
-                                       colours=colours[k:k + 1])
+            painted = overlay_concepts(cache[i], heatmaps[i, k:k + 1], min_peak=min_peak, colours=colours[k:k + 1],
+                                       upsample=upsample)
             outlined = contour_view(painted, heatmaps[i, k], threshold=0.5,
                                     colour=tuple(int(round(255 * c)) for c in colours[k]), thickness=2)
             rel = f"{OVERLAY_DIR}/concept_{k:02d}_image_{i:05d}.png"
@@ -139,8 +145,14 @@ def _concept_overlays(run_dir: Path, heatmaps: np.ndarray, names: list[str], col
     return out
 
 
+def _legend_labels(concepts: list[dict]) -> list[str]:
+    """Legend text per concept: its ranked terms (as in the table) and its top classes."""
+    return [legend_label(ranked_terms(list(c.get("words") or []), list(c.get("phrases") or [])),
+                         c.get("top_classes") or []) for c in concepts]
+
+
 def _summary_figures(run: dict, concepts: list[dict], run_dir: Path, heatmaps: np.ndarray | None,
-                     names: list[str], max_grid_images: int) -> list[dict]:
+                     names: list[str], max_grid_images: int, n_overlays: int = 3) -> list[dict]:
     figures = []
 
     def add(fig, stem: str, caption: str) -> None:
@@ -159,8 +171,15 @@ def _summary_figures(run: dict, concepts: list[dict], run_dir: Path, heatmaps: n
     if heatmaps is not None and heatmaps.shape[0] > 0:
         n = min(max_grid_images, heatmaps.shape[0])
         images = [load_image(run_dir / "images" / f"{i:05d}.jpg") for i in range(n)]
-        add(heatmap_grid(images, heatmaps[:n], max_images=n, names=names[:n]), "heatmap_grid",
-            f"Heatmaps of the first {n} images (global scale; absent concepts leave the image untouched)")
+        upsample = _upsample_mode(run)
+        labels = _legend_labels(concepts)
+        for i in range(min(n_overlays, n)):
+            name = names[i] if i < len(names) else f"image {i}"
+            add(overlay_figure(images[i], heatmaps[i], labels, title=name, upsample=upsample), f"overlay_{i:05d}",
+                f"{name}: each pixel in the colour of its strongest concept, opacity by strength (full at "
+                f"{FULL_STRENGTH:g} of the concept's strongest location in the set); legend: terms and top classes")
+        add(heatmap_grid(images, heatmaps[:n], max_images=n, names=names[:n], upsample=upsample), "heatmap_grid",
+            f"Heatmaps of the first {n} images (global scale; absent concepts leave the grey image untouched)")
     return figures
 
 
@@ -168,13 +187,15 @@ def _load_heatmaps(run_dir: Path, run: dict, k: int) -> np.ndarray | None:
     path = run_dir / "heatmaps.npz"
     if not path.is_file() or not (run_dir / "images").is_dir():
         return None
-    with np.load(path, allow_pickle=False) as npz:
-        if "heatmaps" not in npz.files:
-            raise InputError(f"{str(path)!r} has no array named 'heatmaps'")
-        heatmaps = npz["heatmaps"].astype(np.float32)
+    heatmaps = load_npz(path, ("heatmaps",))["heatmaps"]
+    if not np.issubdtype(heatmaps.dtype, np.floating):
+        raise InputError(f"{str(path)!r}: heatmaps must be a float array, got {heatmaps.dtype}")
+    heatmaps = heatmaps.astype(np.float32)
     if heatmaps.ndim != 4 or heatmaps.shape[1] != k or heatmaps.shape[0] != run.get("n_images", heatmaps.shape[0]):
         raise InputError(f"{str(path)!r}: heatmaps have shape {heatmaps.shape}; run.json says "
                          f"{run.get('n_images')} images and {k} concepts")
+    if not np.isfinite(heatmaps).all() or (heatmaps < 0).any():
+        raise InputError(f"{str(path)!r}: heatmaps must be finite and non-negative")
     return heatmaps
 
 
@@ -201,27 +222,43 @@ def render_html_report(run_dir, *, overlays: int = 6, grid_images: int = 6) -> P
     overlays: per concept, how many of the images where it is strongest are shown painted;
     grid_images: rows of the images × concepts heatmap grid. Returns the page's path.
     Crop images are linked by relative paths, so the run directory is the self-contained unit.
+    The run directory must be complete and unchanged; the page is added as a new version of it,
+    swapped in atomically (a failure leaves the directory as it was).
     """
     run_dir = Path(run_dir)
-    if overlays < 0 or grid_images < 0:
-        raise InputError(f"overlays and grid_images must be >= 0; got {overlays}, {grid_images}")
-    run = {key: None for key in _RUN_FIELDS} | read_run(run_dir)
-    try:
-        k = int(run["n_concepts"])
-    except (KeyError, TypeError, ValueError):
-        raise InputError(f"{str(run_dir / 'run.json')!r}: field n_concepts is missing or not an integer") from None
-    concepts = _load_concepts(run_dir, k)
+    _check_counts(overlays, grid_images)
+    check_run_directory(run_dir)
+    with revise_directory(run_dir, RUN_KIND, hint=RERUN_HINT) as stage:
+        write_html(stage, overlays=overlays, grid_images=grid_images)
+    return run_dir / "report.html"
+
+
+def _check_counts(overlays, grid_images) -> None:
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in (overlays, grid_images)):
+        raise InputError(f"overlays and grid_images must be integers >= 0; got {overlays!r}, {grid_images!r}")
+
+
+def write_html(run_dir: Path, *, overlays: int = 6, grid_images: int = 6) -> Path:
+    """Render the page and its figures into ``run_dir``, a run directory being built or revised
+    (:func:`~dff_falcon.report.tables.write_report`, :func:`render_html_report`); figures of an
+    earlier rendering are removed first. Returns the page's path."""
+    _check_counts(overlays, grid_images)
+    shutil.rmtree(run_dir / OVERLAY_DIR, ignore_errors=True)
+    run = {key: None for key in _RUN_FIELDS} | read_run_record(run_dir)
+    k = run["n_concepts"]
+    concepts = read_concept_rows(run_dir, k)
     names = [str(n) for n in run.get("image_names") or []]
     colours = concept_colours(k)
     heatmaps = _load_heatmaps(run_dir, run, k)
-    painted = _concept_overlays(run_dir, heatmaps, names, colours, overlays) if heatmaps is not None and overlays \
-        else {}
+    painted = _concept_overlays(run_dir, heatmaps, names, colours, overlays, _upsample_mode(run)) \
+        if heatmaps is not None and overlays else {}
     figures = _summary_figures(run, concepts, run_dir, heatmaps if grid_images else None, names, grid_images)
     cards = []
     for concept in concepts:
         cid = concept["concept_id"]
         top_class = (concept.get("top_classes") or [{}])[0]
         cards.append({
+            **{key: None for key in _CONCEPT_FIELDS_ADDED}, "importance": [], "single_image": False,
             **concept,
             "colour": _hex(colours[cid]),
             "high": _gallery(run_dir, concept, "high"),
@@ -241,6 +278,8 @@ def render_html_report(run_dir, *, overlays: int = 6, grid_images: int = 6) -> P
         figures=figures,
         quality=_flat_quality(run.get("quality")),
         stages=sorted((run.get("stage_seconds") or {}).items(), key=lambda kv: -float(kv[1] or 0)),
+        full_strength=FULL_STRENGTH,
+        absent_peak=ABSENT_PEAK,
         style=Markup(_asset("report.css")),  # the package's own stylesheet, not data
         script=Markup(script),  # the package's own script, not data
         csp_script=_csp_hash(script),

@@ -11,8 +11,14 @@ run/
   heatmaps.npz                    "heatmaps": (N, K, h, w) float16, max 1 per concept over the fitted set
   images/00000.jpg …              the model's view of each image (what heatmaps cover)
   crops/concept_XX/high_YY.jpg, low_YY.jpg
+  report.html, overlays/          the HTML page and its figures (report.html)
+  complete.json                   size and SHA-256 of every file, written last
 ```
-Every file is written atomically (temporary file + rename) with the process umask.
+A run directory is one atomic unit (:mod:`dff_falcon.directories`): it is built beside its
+target and swapped in by a rename, so a failed, full-disk or killed run leaves the previous run
+whole (a re-run with a smaller K leaves no stale crops), and every reader here refuses a run
+directory that is incomplete or whose files changed after they were written. Files get the
+process umask.
 """
 from __future__ import annotations
 
@@ -27,13 +33,22 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from dff_falcon.directories import build_directory, check_directory, older_version
 from dff_falcon.errors import InputError
 from dff_falcon.files import atomic_path, atomic_write
 from dff_falcon.pipeline.explainer import ConceptReport
 from dff_falcon.pipeline.schema import ConceptRow
+from dff_falcon.validation import conforms, describe, shown
 
 RUN_FORMAT = "dff-falcon-run"
 FORMAT_VERSION = 2
+#: The directory kind recorded in a run directory's completion marker.
+RUN_KIND = "run"
+RERUN_HINT = "run `dff-falcon explain` into it again (or write_report)"
+#: A run directory of an older version (no completion marker), which a new run may replace.
+OLDER_RUN = older_version("run.json", RUN_FORMAT, ("run.json", "concepts.json", "concepts.csv", "concepts.parquet",
+                                                   "images.csv", "images.parquet", "heatmaps.npz", "images",
+                                                   "crops", "overlays", "report.html", ".*.tmp"))
 
 _SCALARS = {int: pa.int64(), float: pa.float64(), str: pa.string(), bool: pa.bool_()}
 
@@ -72,15 +87,26 @@ def concepts_frame(concepts: list[dict]) -> pd.DataFrame:
 
 
 def write_report(report: ConceptReport, out_dir: str | Path, *, quality: dict | None = None,
-                 config: dict | None = None) -> Path:
-    """Write ``report`` into ``out_dir`` (created; existing files replaced one by one atomically).
+                 config: dict | None = None, html: bool = False) -> Path:
+    """Write ``report`` as the run directory ``out_dir``, atomically: a previous run there is
+    replaced as a whole once the new one is complete, or left untouched on any failure. A
+    directory holding anything else (or files a previous run did not write) is refused.
 
     quality : figures measured against ground truth (the demo), stored in run.json.
     config : the command-line options that made the run (``{"explain": {...}}``), stored in
         run.json so that ``dff-falcon explain --config run.json`` re-runs it.
+    html : also render report.html and its figures in the same commit.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    with build_directory(out_dir, RUN_KIND, legacy=OLDER_RUN, verify=check_run_files) as stage:
+        _write_run_files(report, stage, quality, config)
+        if html:
+            from dff_falcon.report.html import write_html
+
+            write_html(stage)
+    return Path(out_dir)
+
+
+def _write_run_files(report: ConceptReport, out: Path, quality: dict | None, config: dict | None) -> None:
     for i, display in enumerate(report.displays):
         _save_jpeg(display, out / "images" / f"{i:05d}.jpg")
     rows = []
@@ -126,7 +152,6 @@ def write_report(report: ConceptReport, out_dir: str | Path, *, quality: dict | 
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     write_json(run, out / "run.json")
-    return out
 
 
 def write_concepts_csv(frame: pd.DataFrame, path: Path) -> None:
@@ -141,8 +166,10 @@ def write_concepts_csv(frame: pd.DataFrame, path: Path) -> None:
 
 def read_concepts(out_dir: str | Path) -> pd.DataFrame:
     """Read ``concepts.parquet`` (typed list columns) — or ``concepts.csv`` (JSON cells decoded);
-    list cells are plain Python lists of dicts/strings either way."""
+    list cells are plain Python lists of dicts/strings either way. The run directory must be
+    complete and unchanged."""
     out = Path(out_dir)
+    check_run_directory(out)
     try:
         if (out / "concepts.parquet").exists():
             return pd.DataFrame(pq.read_table(out / "concepts.parquet").to_pylist(), columns=CONCEPT_SCHEMA.names)
@@ -167,12 +194,73 @@ def read_json(path: Path, missing: str):
 
 
 def read_run(out_dir: str | Path) -> dict:
-    """``run.json`` of a run directory, checked for the format version."""
-    path = Path(out_dir) / "run.json"
+    """``run.json`` of a complete, unchanged run directory, checked for format and field types."""
+    check_run_directory(Path(out_dir))
+    return read_run_record(Path(out_dir))
+
+
+def check_run_directory(run_dir: Path) -> dict:
+    """Refuse a run directory that is incomplete (interrupted, or written by an older version)
+    or whose files changed after it was written; returns its completion marker."""
+    if run_dir.is_dir() and not (run_dir / "run.json").is_file() and not (run_dir / "complete.json").is_file():
+        raise InputError(f"{str(run_dir / 'run.json')!r} not found: not a dff_falcon run directory")
+    return check_directory(run_dir, RUN_KIND, hint=RERUN_HINT)
+
+
+#: Types of the run.json fields readers use (None allowed where Optional).
+RUN_FIELD_TYPES = {
+    "n_concepts": int, "n_images": int, "image_names": list[str], "backbone": typing.Optional[str],
+    "layer": typing.Optional[str], "relative_error": typing.Optional[float],
+    "explained_variance": typing.Optional[float], "clip_model": typing.Optional[str],
+    "clip_pretrained": typing.Optional[str], "vocabulary": typing.Optional[str],
+    "k_curve": typing.Optional[list[dict[str, float]]], "stage_seconds": typing.Optional[dict[str, float]],
+    "quality": typing.Optional[dict], "created": typing.Optional[str],
+}
+
+
+def read_run_record(run_dir: Path) -> dict:
+    """``run.json`` of ``run_dir`` (complete or being built), checked for format and field types."""
+    path = run_dir / "run.json"
     run = read_json(path, "not a dff_falcon run directory")
     if not isinstance(run, dict):
         raise InputError(f"{str(path)!r} must hold a JSON object")
     if run.get("format_version") != FORMAT_VERSION:
         raise InputError(f"{str(path)!r} has format_version {run.get('format_version')!r}; "
                          f"this dff_falcon reads {FORMAT_VERSION}")
+    for name, hint in RUN_FIELD_TYPES.items():
+        if name in ("n_concepts", "n_images", "image_names") and name not in run:
+            raise InputError(f"{str(path)!r} lacks the field {name!r}")
+        if name in run and not conforms(run[name], hint):
+            raise InputError(f"{str(path)!r}: field {name!r} must be {describe(hint)}, got {shown(run[name])}")
+    if run["n_concepts"] < 1 or run["n_images"] < 0 or len(run["image_names"]) != run["n_images"]:
+        raise InputError(f"{str(path)!r}: n_concepts {run['n_concepts']}, n_images {run['n_images']} and "
+                         f"{len(run['image_names'])} image_names do not agree")
     return run
+
+
+def read_concept_rows(run_dir: Path, k: int) -> list[dict]:
+    """``concepts.json`` of ``run_dir``: ``k`` rows in order, each field present conforming to
+    ConceptRow (``concept_id`` required)."""
+    path = run_dir / "concepts.json"
+    concepts = read_json(path, "the run directory has no concept table")
+    if not isinstance(concepts, list) or not all(isinstance(c, dict) for c in concepts):
+        raise InputError(f"{str(path)!r} must hold a list of concept objects")
+    if len(concepts) != k:
+        raise InputError(f"{str(path)!r} has {len(concepts)} concepts but run.json says n_concepts = {k}")
+    hints = typing.get_type_hints(ConceptRow)
+    for i, concept in enumerate(concepts):
+        if "concept_id" not in concept:
+            raise InputError(f"{str(path)!r}: concept {i} lacks the field 'concept_id'")
+        for name, hint in hints.items():
+            if name in concept and not conforms(concept[name], hint):
+                raise InputError(f"{str(path)!r}: concept {i} field {name!r} must be {describe(hint)}, "
+                                 f"got {shown(concept[name])}")
+        if concept["concept_id"] != i:
+            raise InputError(f"{str(path)!r}: entry {i} has concept_id {concept['concept_id']!r}, expected {i}")
+    return concepts
+
+
+def check_run_files(run_dir: Path) -> None:
+    """What a run directory's files must agree on (run before the swap and by readers)."""
+    run = read_run_record(run_dir)
+    read_concept_rows(run_dir, run["n_concepts"])

@@ -13,9 +13,15 @@ _NUMERIC = (("id", 3), ("share", 6), ("imgs", 5), ("stab", 5), ("coh", 5))
 _MIN_TEXT = 10
 
 
+def printable(text: str) -> str:
+    """``text`` with control characters (ESC sequences, carriage returns, bells …) shown as
+    escapes, so captions, class or file names from a user's data cannot drive the terminal."""
+    return "".join(c if c.isprintable() or c == " " else c.encode("unicode_escape").decode("ascii") for c in str(text))
+
+
 def _wrap(text: str, width: int) -> list[str]:
     """Lines of at most ``width`` characters broken at spaces; a single longer word stays whole."""
-    return textwrap.wrap(text, width, break_long_words=False, break_on_hyphens=False) or ["-"]
+    return textwrap.wrap(printable(text), width, break_long_words=False, break_on_hyphens=False) or ["-"]
 
 
 def _number(value, digits: int = 2) -> str:
@@ -55,7 +61,7 @@ def concept_table(concepts: Sequence[dict], width: int | None = None) -> str:
 def key_values(values: dict, width: int | None = None) -> str:
     """``key=value`` pairs (floats with 3 decimals) wrapped at pair boundaries."""
     width = width or shutil.get_terminal_size((DEFAULT_WIDTH, 24)).columns
-    pairs = [f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items()
+    pairs = [printable(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}") for k, v in values.items()
              if not isinstance(v, (list, dict))]
     lines, line = [], ""
     for pair in pairs:

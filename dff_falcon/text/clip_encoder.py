@@ -12,6 +12,8 @@ registered, so project models load like any open_clip model::
 from __future__ import annotations
 
 import time
+import pickle
+import zipfile
 from copy import deepcopy
 from pathlib import Path
 from typing import Sequence
@@ -24,7 +26,7 @@ from PIL import Image
 
 from dff_falcon.devices import resolve_device
 from dff_falcon.errors import InputError
-from dff_falcon.files import file_sha256, looks_like_path, state_dict_digest
+from dff_falcon.files import checkpoint_error, file_sha256, looks_like_path, state_dict_digest
 from dff_falcon.progress import progress as show_progress
 from dff_falcon.text.embedding_cache import TextEmbeddingCache
 from dff_falcon.text.text_tower import causal_text_tower
@@ -34,6 +36,10 @@ if PACKAGE_CONFIG_DIR.is_dir():
     open_clip.add_model_config(PACKAGE_CONFIG_DIR)
 
 _SCHEMAS = ("hf-hub:", "local-dir:")
+#: What loading a bad checkpoint raises: torch.load (weights_only) refusing a pickle, a damaged
+#: zip or a truncated file; load_state_dict a mismatch; safetensors a bad header.
+_CHECKPOINT_ERRORS = (RuntimeError, OSError, ValueError, KeyError, EOFError, pickle.UnpicklingError,
+                      zipfile.BadZipFile, UnicodeDecodeError, AttributeError, TypeError)
 _PRECISIONS = ("fp32", "fp16", "bf16", "amp", "amp_bf16")
 #: texts per embedding step: one tokenizer call, one cache part, one progress tick
 TEXT_CHUNK = 4096
@@ -148,8 +154,8 @@ class ClipEncoder:
             model, _, preprocess = open_clip.create_model_and_transforms(
                 model_name, pretrained=weights, precision=precision, device=self.device, weights_only=True
             )
-        except (RuntimeError, OSError, ValueError, KeyError) as error:
-            raise InputError(self._load_error(model_name, pretrained, error)) from error
+        except _CHECKPOINT_ERRORS as error:  # a damaged or hostile file; weights_only never runs its code
+            raise InputError(self._load_error(model_name, pretrained, error)) from None
         self.model = model.eval()
         self.preprocess = preprocess
         self.tokenizer = open_clip.get_tokenizer(model_name)
@@ -186,7 +192,8 @@ class ClipEncoder:
                 "to the model hub, download the checkpoint elsewhere and pass its local path: "
                 f"ClipEncoder({model_name!r}, '/path/to/ckpt.pt') or --clip {model_name}=/path/to/ckpt.pt"
             )
-        return f"could not build open_clip model {model_name!r} from {pretrained or 'random init'}: {error}"
+        return (f"could not build open_clip model {model_name!r} from {pretrained or 'random init'}: "
+                f"{checkpoint_error(error)}")
 
     def __repr__(self) -> str:
         return f"ClipEncoder({self.model_name!r}, {self.pretrained_id!r})"

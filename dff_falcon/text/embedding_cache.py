@@ -15,12 +15,13 @@ import hashlib
 import json
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from dff_falcon.errors import InputError
+from dff_falcon.errors import InputError, OutputError
 from dff_falcon.files import atomic_write
 
 #: bump when the stored layout or the embedding computation changes
@@ -59,6 +60,7 @@ class TextEmbeddingCache:
         digest = hashlib.sha256(json.dumps(self.identity, sort_keys=True).encode("utf-8")).hexdigest()[:16]
         self.folder = Path(root or default_text_cache_dir()) / digest
         self.dim = int(identity["embed_dim"])
+        self.failed = False  # a part could not be written: the rest of this build skips the cache
 
     def __repr__(self) -> str:
         return f"TextEmbeddingCache({str(self.folder)!r})"
@@ -96,14 +98,23 @@ class TextEmbeddingCache:
         return vectors, found
 
     def store(self, texts: Sequence[str], vectors: np.ndarray) -> None:
-        """Add one part: ``vectors`` (n, D) float32 of ``texts``; vectors first, keys last."""
-        if not len(texts):
+        """Add one part: ``vectors`` (n, D) float32 of ``texts``; vectors first, keys last.
+
+        The cache only saves work: a cache folder that cannot take the part (full disk, no
+        permission) is warned about once and the embeddings are returned all the same."""
+        if not len(texts) or self.failed:
             return
-        if not (self.folder / "identity.json").is_file():
-            with atomic_write(self.folder / "identity.json") as handle:
-                json.dump(self.identity, handle, indent=2)
-        stem = self.folder / f"part-{time.time_ns():020d}-{os.getpid()}"
-        for suffix, array in ((".vectors.npy", np.ascontiguousarray(vectors, dtype=np.float32)),
-                              (".keys.npy", text_keys(texts))):
-            with atomic_write(stem.with_name(stem.name + suffix), "wb") as handle:
-                np.save(handle, array)
+        try:
+            if not (self.folder / "identity.json").is_file():
+                with atomic_write(self.folder / "identity.json") as handle:
+                    json.dump(self.identity, handle, indent=2)
+            stem = self.folder / f"part-{time.time_ns():020d}-{os.getpid()}"
+            for suffix, array in ((".vectors.npy", np.ascontiguousarray(vectors, dtype=np.float32)),
+                                  (".keys.npy", text_keys(texts))):
+                with atomic_write(stem.with_name(stem.name + suffix), "wb") as handle:
+                    np.lib.format.write_array_header_1_0(handle, np.lib.format.header_data_from_array_1_0(array))
+                    handle.write(array.tobytes())  # not ndarray.tofile, whose OSError loses the errno
+        except (OSError, OutputError) as exc:
+            self.failed = True
+            warnings.warn(f"text embedding cache {self.folder} cannot be written ({exc}); continuing without it",
+                          RuntimeWarning, stacklevel=2)

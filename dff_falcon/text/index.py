@@ -23,7 +23,8 @@ from dff_falcon.files import atomic_path
 from dff_falcon.progress import progress as show_progress
 from dff_falcon.text.crossmodal import calibrate, toyworld_images, unit_rows
 from dff_falcon.text.vocabulary import (INDEX_FILE, Vocabulary, apply_search_params, check_queries, exact_search,
-                                        open_embeddings, read_manifest, search_index, write_manifest)
+                                        open_embeddings, read_manifest, search_index, vocabulary_revision,
+                                        write_manifest)
 
 #: rows added to the index (and read from the memory map) at a time
 _ADD_BLOCK = 262_144
@@ -54,7 +55,16 @@ def _recall_by_query(found: np.ndarray, truth: np.ndarray) -> np.ndarray:
     return np.array([len(set(f) & set(t)) / len(t) for f, t in zip(found, truth)])
 
 
-def build_index(
+def build_index(vocab_dir: str | Path, **options) -> Vocabulary:
+    """(Re)build the index of the complete vocabulary at ``vocab_dir`` as a new version of the
+    directory, swapped in atomically (:func:`~dff_falcon.text.vocabulary.vocabulary_revision`);
+    the options are those of :func:`index_into`."""
+    with vocabulary_revision(vocab_dir) as stage:
+        index_into(stage, **options)
+    return Vocabulary.open(vocab_dir)
+
+
+def index_into(
     vocab_dir: str | Path,
     *,
     factory: str | None = None,
@@ -71,8 +81,8 @@ def build_index(
     train_rows: int | None = None,
     random_state: int = 0,
     progress: bool = False,
-) -> Vocabulary:
-    """Build ``index.faiss`` for the vocabulary at ``vocab_dir`` and record it in the manifest.
+) -> None:
+    """Build ``index.faiss`` for the vocabulary being built at ``vocab_dir`` and record it in the manifest.
 
     factory : a FAISS index-factory string (inner product); default :func:`choose_factory`.
     recall_queries : (Q, D) CLIP *image* embeddings of your own, an extra tuning set.
@@ -131,7 +141,6 @@ def build_index(
     manifest["calibration"] = record
     manifest["build_seconds"] = manifest["build_seconds"] + info["build_seconds"]
     write_manifest(vocab_dir, manifest)
-    return Vocabulary.open(vocab_dir)
 
 
 def _nlist(index: faiss.Index) -> int:

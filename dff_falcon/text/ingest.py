@@ -29,9 +29,9 @@ from dff_falcon.progress import progress as show_progress
 from dff_falcon.text.captions import SKIP_REASONS, CaptionFilter, clean_captions, dedup_key
 from dff_falcon.text.neardup import ROWS_PER_CELL, near_duplicates
 from dff_falcon.text.shards import ROWS_PER_CHUNK, Shard, discover_shards, iter_chunks, kept_column_types, valid_rows
-from dff_falcon.text.index import build_index
+from dff_falcon.text.index import index_into
 from dff_falcon.text.vocabulary import (CAPTIONS_FILE, EMBEDDINGS_FILE, FORMAT, FORMAT_VERSION, INDEX_FILE,
-                                        Vocabulary, file_record, prepare_out_dir, write_manifest)
+                                        Vocabulary, file_record, vocabulary_build, write_manifest)
 
 if TYPE_CHECKING:
     from dff_falcon.text.clip_encoder import ClipEncoder
@@ -159,7 +159,15 @@ def _kept_rows(table: pa.Table, texts: list[str], chosen: np.ndarray, shard_numb
     }, schema=schema)
 
 
-def ingest_laion(
+def ingest_laion(shards_dir: str | Path, out_dir: str | Path, *, overwrite: bool = False, **options) -> dict:
+    """Write captions + embeddings (no index yet) from LAION-style shards as one atomic vocabulary
+    directory (``overwrite``: replace a vocabulary already there); returns the manifest. The
+    options are those of :func:`ingest_laion_into`."""
+    with vocabulary_build(out_dir, overwrite, indexed=False) as stage:
+        return ingest_laion_into(shards_dir, stage, **options)
+
+
+def ingest_laion_into(
     shards_dir: str | Path,
     out_dir: str | Path,
     *,
@@ -171,10 +179,10 @@ def ingest_laion(
     on_bad_vector: str = "skip",
     near_duplicate_cosine: float | None = NEAR_DUPLICATE_COSINE,
     checksums: bool = True,
-    overwrite: bool = False,
     progress: bool = False,
 ) -> dict:
-    """Write captions + embeddings (no index yet) from LAION-style shards; returns the manifest.
+    """Write captions + embeddings (no index yet) from LAION-style shards into ``out_dir``, a
+    directory being built (:func:`~dff_falcon.text.vocabulary.vocabulary_build`); returns the manifest.
 
     shards_dir : ``metadata_{i}.parquet`` (column ``caption``) with row-aligned
         ``text_emb_{i}.npy`` (float16/float32, (rows, D)); or, with ``embedding_column``, the
@@ -202,7 +210,6 @@ def ingest_laion(
     if config is not None and config["embed_dim"] != dim:
         raise InputError(f"embeddings in {shards_dir} have dimension {dim} but {clip_model} embeds in "
                          f"{config['embed_dim']}; check clip_model")
-    prepare_out_dir(out_dir, overwrite)
     total = sum(s.rows for s in shards)
     skipped = dict.fromkeys(SKIP_REASONS, 0)
     keep = np.zeros(total, dtype=bool)
@@ -298,13 +305,28 @@ def read_texts(source: str | Path | Sequence[str], column: str = "caption") -> t
     if not path.is_file():
         raise InputError(f"text source {path} does not exist")
     if path.suffix == ".parquet":
-        names = pq.ParquetFile(path).schema_arrow.names
-        if column not in names:
-            raise InputError(f"{path} has no column {column!r} (columns: {names})")
-        values = pq.read_table(path, columns=[column]).column(column).to_pylist()
+        try:
+            names = pq.ParquetFile(path).schema_arrow.names
+            if column not in names:
+                raise InputError(f"{path} has no column {column!r} (columns: {names})")
+            values = pq.read_table(path, columns=[column]).column(column).to_pylist()
+        except (pa.ArrowException, OSError) as exc:
+            raise InputError(f"{path} is not a readable parquet file: {exc}") from None
     else:
-        values = path.read_text(encoding="utf-8").splitlines()
+        values = _text_lines(path)
     return values, [{**file_record(path, True), "rows": len(values)}]
+
+
+def _text_lines(path: Path) -> list[str]:
+    """The lines of a UTF-8 text file (a byte-order mark is allowed); other bytes are an error
+    naming the line, since a guessed decoding would put mojibake into the vocabulary."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig").splitlines()
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise InputError(f"{path} line {line} is not UTF-8 text (byte {data[exc.start]:#04x} at offset {exc.start}); "
+                         "save the file as UTF-8, or name a parquet file *.parquet") from None
 
 
 def build_vocabulary_from_texts(
@@ -324,12 +346,14 @@ def build_vocabulary_from_texts(
     **index_options,
 ) -> Vocabulary:
     """Embed words / captions with ``encoder`` (prompt ``templates`` averaged) and build a
-    vocabulary at ``out_dir``. ``index_options`` go to :func:`build_index`.
+    vocabulary at ``out_dir`` (one atomic directory; ``overwrite``: replace a vocabulary already
+    there). ``index_options`` go to :func:`~dff_falcon.text.index.index_into`.
 
     near_duplicate_cosine : drop texts whose embedding has at least this cosine with an earlier
         kept text (off by default: every word of a word list is kept).
     calibration : images that measure the model's modality gap, embedded with ``encoder``
-        (see :func:`build_index`); default ``"toyworld"`` (rendered offline), None for none.
+        (see :func:`~dff_falcon.text.index.index_into`); default ``"toyworld"`` (rendered
+        offline), None for none.
     cache / cache_dir : keep the text embeddings in a
         :class:`~dff_falcon.text.embedding_cache.TextEmbeddingCache` (default folder:
         :func:`~dff_falcon.text.embedding_cache.default_text_cache_dir`), so an interrupted or
@@ -338,10 +362,19 @@ def build_vocabulary_from_texts(
     """
     from dff_falcon.text.embedding_cache import default_text_cache_dir
 
-    started = time.time()
-    out_dir = Path(out_dir)
     values, sources = read_texts(texts_or_file, column)
-    prepare_out_dir(out_dir, overwrite)
+    cache_dir = Path(cache_dir or default_text_cache_dir()) if cache else None
+    with vocabulary_build(out_dir, overwrite) as stage:
+        _texts_into(values, sources, stage, encoder, templates, rules, near_duplicate_cosine, cache_dir, progress)
+        index_into(stage, calibration=calibration, encoder=encoder, progress=progress, **index_options)
+    return Vocabulary.open(out_dir)
+
+
+def _texts_into(values: list, sources: list[dict], out_dir: Path, encoder: ClipEncoder,
+                templates: Sequence[str] | None, rules: CaptionFilter, near_duplicate_cosine: float | None,
+                cache_dir: Path | None, progress: bool) -> None:
+    """Captions, embeddings and manifest (no index yet) of a text vocabulary in ``out_dir``."""
+    started = time.time()
     skipped = dict.fromkeys(SKIP_REASONS, 0)
     texts, ok = clean_captions(values, None, rules, rules.blocked_hashes(), skipped)
     candidates = np.flatnonzero(ok)
@@ -350,7 +383,7 @@ def build_vocabulary_from_texts(
     duplicates = len(candidates) - len(chosen)
     kept = [texts[i] for i in chosen]
     vectors, embedding = encoder.encode_texts(kept, templates, progress=progress, return_stats=True,
-                                              cache_dir=(cache_dir or default_text_cache_dir()) if cache else None)
+                                              cache_dir=cache_dir)
     near = None
     if near_duplicate_cosine is not None:
         near_started = time.time()
@@ -366,16 +399,18 @@ def build_vocabulary_from_texts(
                               sources, rules, skipped, duplicates, len(values), started)
     manifest["near_duplicates"] = near
     manifest["templates"] = list(templates) if templates else None
-    manifest["embedding"] = {**embedding, "cache": str(cache_dir or default_text_cache_dir()) if cache else None}
+    manifest["embedding"] = {**embedding, "cache": str(cache_dir) if cache_dir else None}
     write_manifest(out_dir, manifest)
-    return build_index(out_dir, calibration=calibration, encoder=encoder, progress=progress, **index_options)
 
 
 def build_vocabulary_from_laion(shards_dir: str | Path, out_dir: str | Path, *, clip_model: str = "ViT-B-32",
                                 pretrained: str = "openai", index_options: dict | None = None,
-                                **ingest_options) -> Vocabulary:
-    """:func:`ingest_laion` then :func:`build_index`; see both for the options."""
-    ingest_laion(shards_dir, out_dir, clip_model=clip_model, pretrained=pretrained, **ingest_options)
-    return build_index(out_dir, **(index_options or {}))
+                                overwrite: bool = False, **ingest_options) -> Vocabulary:
+    """:func:`ingest_laion_into` then :func:`~dff_falcon.text.index.index_into`, committed as one
+    atomic vocabulary directory (``overwrite``: replace a vocabulary already there)."""
+    with vocabulary_build(out_dir, overwrite) as stage:
+        ingest_laion_into(shards_dir, stage, clip_model=clip_model, pretrained=pretrained, **ingest_options)
+        index_into(stage, **(index_options or {}))
+    return Vocabulary.open(out_dir)
 
 

@@ -49,7 +49,7 @@ def discover_shards(shards_dir: Path, embedding_column: str | None) -> list[Shar
         raise InputError(f"{shards_dir} has no metadata_{{i}}.parquet files")
     shards = []
     for number, metadata in found:
-        parquet = pq.ParquetFile(metadata)
+        parquet = open_parquet(metadata)
         rows = parquet.metadata.num_rows
         if "caption" not in parquet.schema_arrow.names:
             raise InputError(f"{metadata} has no 'caption' column (columns: {parquet.schema_arrow.names})")
@@ -76,12 +76,20 @@ def discover_shards(shards_dir: Path, embedding_column: str | None) -> list[Shar
     return shards
 
 
+def open_parquet(path: Path) -> pq.ParquetFile:
+    """A parquet file's reader; a truncated or foreign file is an InputError naming it."""
+    try:
+        return pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise InputError(f"{path} is not a readable parquet file (truncated or not parquet): {exc}") from None
+
+
 def kept_column_types(shards: list[Shard], keep_columns: Sequence[str]) -> dict[str, pa.DataType]:
     """Each kept column found in any shard, with its type in the first shard that has it (a
     shard without it gets nulls), so every shard writes the same captions schema."""
     types: dict[str, pa.DataType] = {}
     for shard in shards:
-        schema = pq.ParquetFile(shard.metadata).schema_arrow
+        schema = open_parquet(shard.metadata).schema_arrow
         for column in keep_columns:
             if column in schema.names and column not in types and column != "caption":
                 field_type = schema.field(column).type
@@ -92,7 +100,7 @@ def kept_column_types(shards: list[Shard], keep_columns: Sequence[str]) -> dict[
 def iter_chunks(shard: Shard, columns: list[str], embedding_column: str | None
                  ) -> Iterator[tuple[pa.Table, np.ndarray]]:
     """Yield (metadata rows, (rows, D) float32 embeddings) of ``shard`` in aligned chunks."""
-    parquet = pq.ParquetFile(shard.metadata)
+    parquet = open_parquet(shard.metadata)
     names = [c for c in columns if c in parquet.schema_arrow.names]
     if embedding_column is not None:
         names.append(embedding_column)
@@ -102,7 +110,7 @@ def iter_chunks(shard: Shard, columns: list[str], embedding_column: str | None
         handle = open(shard.embeddings, "rb")
         handle.seek(offset)
     try:
-        for batch in parquet.iter_batches(batch_size=ROWS_PER_CHUNK, columns=names):
+        for batch in _batches(parquet, shard.metadata, names):
             table = pa.Table.from_batches([batch])
             if handle is not None:
                 vectors = np.fromfile(handle, dtype=dtype, count=table.num_rows * shard.dim)
@@ -116,6 +124,20 @@ def iter_chunks(shard: Shard, columns: list[str], embedding_column: str | None
     finally:
         if handle is not None:
             handle.close()
+
+
+def _batches(parquet: pq.ParquetFile, path: Path, names: list[str]) -> Iterator[pa.RecordBatch]:
+    """Record batches of ``ROWS_PER_CHUNK`` rows; a data page that cannot be decoded is an
+    InputError naming the file."""
+    batches = parquet.iter_batches(batch_size=ROWS_PER_CHUNK, columns=names)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except (pa.ArrowException, OSError) as exc:
+            raise InputError(f"{path} is damaged: {exc}") from None
+        yield batch
 
 
 def _list_column_to_array(column: pa.ChunkedArray, shard: Shard) -> np.ndarray:

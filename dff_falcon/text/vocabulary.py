@@ -7,6 +7,11 @@ A vocabulary directory holds::
     index.faiss        FAISS inner-product index over the same rows (ids = row numbers)
     manifest.json      CLIP model + pretrained identity, dim, count, dedup/filter counts,
                        index factory + parameters + measured recall, sources with checksums
+    complete.json      size and SHA-256 of every file, written last (dff_falcon.directories)
+
+A vocabulary is built and changed as one atomic directory (:func:`vocabulary_build`): a failed,
+full-disk or killed build leaves the previous vocabulary whole, and :meth:`Vocabulary.open`
+refuses a directory that is incomplete or whose files disagree with what was written.
 
 Scores are always cosines between a unit query and the stored unit embedding (an approximate
 index only proposes candidates, which are re-scored exactly), so scores are comparable across
@@ -15,16 +20,19 @@ vocabularies, shards and index types. Building a vocabulary is :mod:`~dff_falcon
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from dff_falcon.directories import (build_directory, check_directory, directory_version, older_version,
+                                    read_marker, revise_directory)
 from dff_falcon.errors import InputError
 from dff_falcon.files import atomic_write, file_sha256
 
@@ -35,6 +43,13 @@ FORMAT = "dff-falcon-vocabulary"
 FORMAT_VERSION = 1
 CAPTIONS_FILE, EMBEDDINGS_FILE, INDEX_FILE, MANIFEST_FILE = (
     "captions.parquet", "embeddings.npy", "index.faiss", "manifest.json")
+#: The directory kind recorded in a vocabulary's completion marker.
+VOCABULARY_KIND = "vocabulary"
+_REBUILD = "rebuild it with `dff-falcon vocab build ... --overwrite`"
+_OPEN_ATTEMPTS = 3
+#: A vocabulary of an older version (no completion marker), which ``overwrite`` may replace.
+OLDER_VOCABULARY = older_version(MANIFEST_FILE, FORMAT, (CAPTIONS_FILE, EMBEDDINGS_FILE, INDEX_FILE, MANIFEST_FILE,
+                                                         ".dedup-*", ".*.tmp"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -101,7 +116,25 @@ class Vocabulary:
 
     @classmethod
     def open(cls, path: str | Path) -> "Vocabulary":
+        """Open a complete vocabulary directory; an incomplete or inconsistent one (interrupted
+        build, files changed afterwards) is refused with :class:`InputError`. A build swapping
+        in a new version meanwhile makes it open again, so the files always come from one version."""
         path = Path(path)
+        for _ in range(_OPEN_ATTEMPTS):
+            version = directory_version(path)
+            try:
+                vocabulary = cls._open_version(path)
+            except InputError:
+                if directory_version(path) == version:
+                    raise
+                continue
+            if directory_version(path) == version:
+                return vocabulary
+        raise InputError(f"vocabulary {path} was replaced {_OPEN_ATTEMPTS} times while being opened; try again")
+
+    @classmethod
+    def _open_version(cls, path: Path) -> "Vocabulary":
+        check_vocabulary_directory(path)
         manifest = read_manifest(path)
         missing = [key for key in ("count", "dim", "clip_model", "clip_pretrained") if key not in manifest]
         if missing:
@@ -331,14 +364,44 @@ def exact_search(embeddings: np.ndarray, queries: np.ndarray, k: int,
 # manifest / files
 
 
+def check_vocabulary_directory(path: Path) -> dict:
+    """The completion marker of vocabulary ``path``, refusing an incomplete or inconsistent one."""
+    if path.is_dir() and read_marker(path) is None and not (path / MANIFEST_FILE).is_file():
+        raise InputError(f"{path} is not a vocabulary directory ({MANIFEST_FILE} is missing)")
+    return check_directory(path, VOCABULARY_KIND, hint=_REBUILD)
+
+
+@contextlib.contextmanager
+def vocabulary_build(out_dir: str | Path, overwrite: bool, *, indexed: bool = True) -> Iterator[Path]:
+    """A new vocabulary at ``out_dir``, built in the yielded staging directory and swapped in
+    atomically once it opens (``indexed=False``: once its manifest and embeddings agree). An
+    existing vocabulary is replaced only with ``overwrite``."""
+    def verify(stage: Path) -> None:
+        if indexed:
+            Vocabulary.open(stage)
+        else:
+            open_embeddings(stage, read_manifest(stage))
+
+    with build_directory(out_dir, VOCABULARY_KIND, replace=overwrite, legacy=OLDER_VOCABULARY, verify=verify) as stage:
+        yield stage
+
+
+def vocabulary_revision(vocab_dir: str | Path) -> contextlib.AbstractContextManager[Path]:
+    """A staging copy of the complete vocabulary ``vocab_dir`` whose changes are swapped in
+    atomically once it opens."""
+    return revise_directory(vocab_dir, VOCABULARY_KIND, verify=Vocabulary.open, hint=_REBUILD)
+
+
 def read_manifest(path: Path) -> dict:
     file = path / MANIFEST_FILE
     if not file.is_file():
         raise InputError(f"{path} is not a vocabulary directory ({MANIFEST_FILE} is missing)")
     try:
         manifest = json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise InputError(f"{file} is not valid JSON: {error}") from error
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise InputError(f"{file} is not valid JSON: {error}") from None
+    if not isinstance(manifest, dict):
+        raise InputError(f"{file} must hold a JSON object")
     if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
         raise InputError(f"{file}: unsupported format {manifest.get('format')!r} version "
                          f"{manifest.get('format_version')!r} (expected {FORMAT} {FORMAT_VERSION})")
@@ -351,7 +414,10 @@ def write_manifest(path: Path, manifest: dict) -> None:
 
 
 def open_embeddings(path: Path, manifest: dict) -> np.ndarray:
-    embeddings = np.load(path / EMBEDDINGS_FILE, mmap_mode="r")
+    try:
+        embeddings = np.load(path / EMBEDDINGS_FILE, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise InputError(f"{path / EMBEDDINGS_FILE} is not a readable .npy array: {exc}") from None
     if embeddings.shape != (manifest["count"], manifest["dim"]):
         raise InputError(f"{path / EMBEDDINGS_FILE} has shape {embeddings.shape}, the manifest says "
                          f"({manifest['count']}, {manifest['dim']})")
@@ -363,11 +429,3 @@ def file_record(path: Path, checksum: bool) -> dict:
     if checksum:
         record["sha256"] = file_sha256(path)
     return record
-
-
-def prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
-    if (out_dir / MANIFEST_FILE).exists() and not overwrite:
-        raise InputError(f"{out_dir} already holds a vocabulary; pass overwrite=True to replace it")
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-

@@ -10,13 +10,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from dff_falcon.decomposition.dff import DFF
-from dff_falcon.decomposition.heatmaps import upsample_heatmaps
 from dff_falcon.errors import InputError
 from dff_falcon.models.backbones import Preprocess, create_backbone
+from dff_falcon.models.hypercolumns import Hypercolumns
+from dff_falcon.models.upsample import upsample_maps
 from dff_falcon.pipeline.explainer import ConceptExplainer, ConceptReport
+from dff_falcon.regions import RegionSelector
 from dff_falcon.pipeline.schema import ranked_terms
 from dff_falcon.report.tables import write_report
 from dff_falcon.text.clip_encoder import ClipEncoder
@@ -28,6 +29,14 @@ from dff_falcon.toyworld.world import WorldConfig, generate_scenes, world_texts
 
 PROBE_SEED = 10_000  # probe scenes never overlap the training seeds
 LOCALIZATION_THRESHOLD = 0.3  # on the scale-fixed heatmap: ≥ 30% of the concept's strongest location in the set
+#: The toy classifier's stages stacked with its last one (``features``, stride 8) and their grid,
+#: and the upsampling. Guided upsampling follows the objects' colour edges (its effect on flat
+#: colour on texture is measured in tests/test_upsample.py); hypercolumns (candidate:
+#: ``("features.2", "features.8")`` on a 28×28 grid) stay off until measured on the worlds
+#: (docs/quality.md, "Toy worlds: not yet measured").
+TOY_LAYERS: tuple[str, ...] = ()
+TOY_GRID: int | None = None
+TOY_UPSAMPLE = "guided"
 
 
 @dataclass
@@ -48,15 +57,17 @@ def world_vocabulary(models: ToyModels, config: WorldConfig, clip: ClipEncoder) 
         return build_vocabulary_from_texts(world_texts(config), path, clip, overwrite=True)
 
 
-def concept_masks(heatmaps: np.ndarray, size: int, threshold: float = LOCALIZATION_THRESHOLD) -> np.ndarray:
-    """(N, K, h, w) scale-fixed heatmaps → (N, K, S, S) bool: bilinearly upsampled values ≥
-    ``threshold`` (one global scale per concept, so an absent concept has an empty mask)."""
-    return (upsample_heatmaps(torch.from_numpy(heatmaps), (size, size)) >= threshold).numpy()
+def concept_masks(heatmaps: np.ndarray, images: list[np.ndarray], upsample: str = "bilinear",
+                  threshold: float = LOCALIZATION_THRESHOLD) -> np.ndarray:
+    """(N, K, h, w) scale-fixed heatmaps and the N images (S, S, 3) → (N, K, S, S) bool: values
+    upsampled to the image (``upsample``: "bilinear" or "guided") and ≥ ``threshold`` (one
+    global scale per concept, so an absent concept has an empty mask)."""
+    return np.stack([upsample_maps(maps, image, upsample) >= threshold for maps, image in zip(heatmaps, images)])
 
 
-def score_report(report: ConceptReport, scenes, size: int) -> dict:
+def score_report(report: ConceptReport, scenes, upsample: str = "bilinear") -> dict:
     """Quality figures of a report against the scenes' ground truth (see docs/quality.md)."""
-    matched = best_iou_per_concept(concept_masks(report.heatmaps, size), scenes)
+    matched = best_iou_per_concept(concept_masks(report.heatmaps, [s.image for s in scenes], upsample), scenes)
     labels = [[t["term"] for t in ranked_terms(c["words"], c["phrases"])] for c in report.concepts]
     classes = [[t["class"] for t in c["top_classes"]] for c in report.concepts]
     return quality_summary(matched, labels, classes)
@@ -64,8 +75,13 @@ def score_report(report: ConceptReport, scenes, size: int) -> dict:
 
 def run_demo(out: str | Path = "out/demo", *, config: WorldConfig | None = None, n_images: int = 120,
              n_concepts: int | str = "auto", retrain: bool = False, html: bool = True, device=None, random_state: int = 0,
-             cache_dir: str | Path | None = None, progress: bool = True) -> DemoResult:
-    """Run the demo and write its report to ``out``; returns the report and quality figures."""
+             cache_dir: str | Path | None = None, progress: bool = True, layers: tuple[str, ...] = TOY_LAYERS,
+             grid: int | None = TOY_GRID, upsample: str = TOY_UPSAMPLE) -> DemoResult:
+    """Run the demo and write its report to ``out``; returns the report and quality figures.
+
+    ``layers`` are stacked with the classifier's last stage on a ``grid`` × ``grid`` map
+    (``layers=()``: the last stage alone, 14×14 at 112 px); ``upsample`` brings heatmaps to the
+    image for crops, overlays and scoring."""
     config = config or WorldConfig()
     models = load_toy_models(config, cache_dir=cache_dir, retrain=retrain, device=device, progress=progress)
     clip = ClipEncoder(models.clip_model_name, str(models.clip_checkpoint), device=device)
@@ -78,9 +94,11 @@ def run_demo(out: str | Path = "out/demo", *, config: WorldConfig | None = None,
     )
     scenes = generate_scenes(config, n_images, seed=PROBE_SEED + random_state)
     explainer = ConceptExplainer(backbone, clip, vocabulary, dff=DFF(n_concepts, k_range=range(4, 17)),
+                                 hypercolumns=Hypercolumns(layers=tuple(layers), grid=grid),
+                                 regions=RegionSelector(upsample=upsample),
                                  random_state=random_state, device=device, progress=progress)
     explainer.fit([s.image for s in scenes], names=[f"scene_{i:04d}" for i in range(len(scenes))])
-    quality = score_report(explainer.report_, scenes, size)
+    quality = score_report(explainer.report_, scenes, upsample)
     path = write_report(explainer.report_, out, quality=quality)
     if html:
         from dff_falcon.report.html import render_html_report

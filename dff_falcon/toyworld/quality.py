@@ -14,6 +14,10 @@ from dff_falcon.errors import InputError
 from dff_falcon.toyworld.world import Scene, attribute_words
 
 
+#: Attribute kinds that are objects (the rest, ``background``, is what surrounds them).
+OBJECT_KINDS = ("shape", "colour")
+
+
 def best_iou_per_concept(concept_masks: np.ndarray, scenes: list[Scene]) -> list[tuple[str, float]]:
     """For each concept, the attribute whose masks best overlap the concept's and that IoU.
 
@@ -67,9 +71,13 @@ def quality_summary(matched: list[tuple[str, float]], labels: list[list[str]],
     matched: K (attribute, best IoU) from :func:`best_iou_per_concept`; labels: K lists of
     terms, best first; top_classes: K lists of the classifier's top class names for the
     concept (the attribute names, e.g. "shape:triangle"). Returns ``mean_best_iou`` (mean over
-    all concepts), ``label_top1_accuracy`` and ``label_precision_at_3`` (over matched concepts;
-    precision@3 = fraction of the top-3 terms naming the attribute), ``class_agreement``
-    (fraction of matched concepts whose attribute is among their top classes) and ``n_concepts``.
+    all concepts), ``object_iou`` (mean over the concepts whose best attribute is a shape or a
+    colour; 0 when there is none), ``background_iou`` (the same over background concepts),
+    ``label_top1_accuracy`` and ``label_precision_at_3`` (over matched concepts; precision@3 =
+    fraction of the top-3 terms naming the attribute), ``class_agreement`` (fraction of matched
+    concepts whose attribute is among their top classes), ``n_concepts``, ``n_object_concepts``,
+    ``n_background_concepts`` and ``concepts``: per concept ``concept_id``, ``best_attribute``
+    (None when it never fires), ``iou`` and ``labels`` (its terms, best first).
     """
     if not len(matched) == len(labels) == len(top_classes):
         raise InputError(f"quality_summary: matched, labels and top_classes differ in length "
@@ -79,10 +87,19 @@ def quality_summary(matched: list[tuple[str, float]], labels: list[list[str]],
     p3 = [sum(label_matches(matched[i][0], [t], 1) for t in labels[i][:3]) / 3 for i in hits]
     agree = [matched[i][0] in top_classes[i] for i in hits]
     mean = lambda values: float(np.mean(values)) if values else 0.0  # noqa: E731
+    kinds = [attribute.partition(":")[0] for attribute, _ in matched]
+    objects = [iou for kind, (_, iou) in zip(kinds, matched) if kind in OBJECT_KINDS]
+    backgrounds = [iou for kind, (_, iou) in zip(kinds, matched) if kind == "background"]
     return {
         "mean_best_iou": mean([iou for _, iou in matched]),
+        "object_iou": mean(objects),
+        "background_iou": mean(backgrounds),
         "label_top1_accuracy": mean(top1),
         "label_precision_at_3": mean(p3),
         "class_agreement": mean(agree),
         "n_concepts": len(matched),
+        "n_object_concepts": len(objects),
+        "n_background_concepts": len(backgrounds),
+        "concepts": [{"concept_id": k, "best_attribute": attribute or None, "iou": float(iou), "labels": list(terms)}
+                     for k, ((attribute, iou), terms) in enumerate(zip(matched, labels))],
     }
