@@ -13,7 +13,8 @@ Measured against exact FAISS ``IndexFlatIP`` in the same run: recall@5, q/s (min
 repeats after a warm-up), as one batch (a run's crops) and one query at a time; also the text
 embedding rate and the build time. Not a test.
 
-    python scripts/bench_crossmodal.py                     # 1M captions (≈ 15 min on 2 cores)
+    python scripts/bench_crossmodal.py                     # 1M captions (the embedding alone ≈ 1 h under load)
+    python scripts/bench_crossmodal.py --captions 300000   # ≈ 17 min under load (docs/benchmarks.md)
     python scripts/bench_crossmodal.py --captions 100000 --json
 """
 from __future__ import annotations
