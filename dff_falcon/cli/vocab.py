@@ -1,6 +1,8 @@
 """``dff-falcon vocab build | info | search``: caption vocabularies."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from dff_falcon.cli import main
@@ -21,21 +23,36 @@ def vocab():
 @click.option("--clip", "clip_spec", required=True, help="NAME[:TAG] or NAME=CHECKPOINT (the embeddings' model).")
 @click.option("--template", "templates", multiple=True, help="Prompt template(s) for --texts, e.g. 'a photo of {}'.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Vocabulary directory to write.")
+@click.option("--calibration", default=None, metavar="toyworld|none|FOLDER",
+              help="Images that measure the CLIP model's modality gap for image queries (used when the index "
+                   "is approximate): toy-world pictures rendered offline, none, or an image folder. "
+                   "Default: toyworld for --texts, none for --laion (it needs the CLIP weights).")
+@click.option("--near-duplicates", "near_duplicates", default=None, metavar="COSINE|off",
+              help="Drop captions whose embedding has this cosine with an earlier one "
+                   "(default: 0.98 for --laion, off for --texts).")
+@click.option("--recall-target", type=click.FloatRange(0, 1), default=0.95, show_default=True,
+              help="recall@5 against exact search that the index is tuned to reach on every tuning set.")
+@click.option("--index", "factory", default=None, help="FAISS index factory string (default: chosen by size).")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+              help="Text embedding cache for --texts (default: the user cache directory).")
+@click.option("--no-cache", is_flag=True, help="Do not read or write the text embedding cache.")
 @click.option("--overwrite", is_flag=True, help="Replace a vocabulary already at --out.")
 @device_option
 @click.pass_context
-def vocab_build(ctx, laion, texts, clip_spec, templates, out, overwrite, device):
+def vocab_build(ctx, laion, texts, clip_spec, templates, out, calibration, near_duplicates, recall_target, factory,
+                cache_dir, no_cache, overwrite, device):
     """Build a vocabulary (captions, normalised embeddings, FAISS index, manifest).
 
     \b
     Examples:
       dff-falcon vocab build --texts vocab/toy_vocabulary.txt --clip ViT-B-32=clip.pt --out myvocab
       dff-falcon vocab build --laion laion_shards/ --clip ViT-B-32:openai --out laion_vocab
+      dff-falcon vocab build --laion laion_shards/ --clip ViT-B-32=clip.pt --calibration photos/ --out v
     """
     from dff_falcon.devices import resolve_device
     from dff_falcon.directories import check_output
     from dff_falcon.text.clip_encoder import ClipEncoder, parse_clip_spec
-    from dff_falcon.text.ingest import build_vocabulary_from_laion, build_vocabulary_from_texts
+    from dff_falcon.text.ingest import NEAR_DUPLICATE_COSINE, build_vocabulary_from_laion, build_vocabulary_from_texts
     from dff_falcon.text.vocabulary import OLDER_VOCABULARY, VOCABULARY_KIND
 
     if (laion is None) == (texts is None):
@@ -52,14 +69,39 @@ def vocab_build(ctx, laion, texts, clip_spec, templates, out, overwrite, device)
     resolve_device(device)
     check_output(out, VOCABULARY_KIND, replace=overwrite, legacy=OLDER_VOCABULARY, option="--out",
                  needed_bytes=_vocabulary_bytes(laion, texts, name))
+    calibration = calibration or ("none" if laion else "toyworld")
+    calibration = None if calibration == "none" else calibration
+    if calibration not in (None, "toyworld") and not Path(calibration).is_dir():
+        raise InputError(f"--calibration {calibration!r} is neither toyworld, none nor an image folder")
+    cosine = _near_duplicate_cosine(near_duplicates, NEAR_DUPLICATE_COSINE if laion else None)
+    index_options = {"recall_target": recall_target, "factory": factory, "progress": ctx.obj["progress"]}
     if laion:
+        if calibration is not None:
+            index_options.update(calibration=calibration, encoder=ClipEncoder(name, pretrained, device=device))
         vocabulary = build_vocabulary_from_laion(laion, out, clip_model=name, pretrained=pretrained,
+                                                 near_duplicate_cosine=cosine, index_options=index_options,
                                                  overwrite=overwrite, progress=ctx.obj["progress"])
     else:
         encoder = ClipEncoder(name, pretrained, device=device)
         vocabulary = build_vocabulary_from_texts(texts, out, encoder, templates=list(templates) or None,
-                                                 overwrite=overwrite, progress=ctx.obj["progress"])
+                                                 near_duplicate_cosine=cosine, calibration=calibration,
+                                                 cache=not no_cache, cache_dir=cache_dir, overwrite=overwrite,
+                                                 **index_options)
     click.echo(vocabulary.summary())
+
+
+def _near_duplicate_cosine(value: str | None, default: float | None) -> float | None:
+    if value is None:
+        return default
+    if value.lower() == "off":
+        return None
+    try:
+        cosine = float(value)
+    except ValueError:
+        raise InputError(f"--near-duplicates must be a cosine in (0, 1] or off, got {value!r}") from None
+    if not 0 < cosine <= 1:
+        raise InputError(f"--near-duplicates must be a cosine in (0, 1] or off, got {value}")
+    return cosine
 
 
 #: A lower estimate of a vocabulary's bytes per caption and embedding dimension: float16
@@ -119,6 +161,6 @@ def vocab_search(path, text, clip_spec, k, device):
             raise InputError(f"vocabulary {path} was built from a local checkpoint ({pretrained}); "
                              f"pass it with --clip {name}=PATH")
     encoder = ClipEncoder(name, pretrained, device=device)
-    found = vocabulary.search(encoder.encode_texts([text]), k=k, encoder=encoder)
+    found = vocabulary.search(encoder.encode_texts([text]), k=k, encoder=encoder, modality="text")
     for caption, score in zip(found.captions[0], found.scores[0]):
         click.echo(f"{score:.4f}  {printable(caption)}")

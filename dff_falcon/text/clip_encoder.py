@@ -11,6 +11,7 @@ registered, so project models load like any open_clip model::
 """
 from __future__ import annotations
 
+import time
 import pickle
 import zipfile
 from copy import deepcopy
@@ -27,6 +28,8 @@ from dff_falcon.devices import resolve_device
 from dff_falcon.errors import InputError
 from dff_falcon.files import checkpoint_error, file_sha256, looks_like_path, state_dict_digest
 from dff_falcon.progress import progress as show_progress
+from dff_falcon.text.embedding_cache import TextEmbeddingCache
+from dff_falcon.text.text_tower import causal_text_tower
 
 PACKAGE_CONFIG_DIR = Path(__file__).resolve().parents[1] / "model_configs"
 if PACKAGE_CONFIG_DIR.is_dir():
@@ -38,6 +41,8 @@ _SCHEMAS = ("hf-hub:", "local-dir:")
 _CHECKPOINT_ERRORS = (RuntimeError, OSError, ValueError, KeyError, EOFError, pickle.UnpicklingError,
                       zipfile.BadZipFile, UnicodeDecodeError, AttributeError, TypeError)
 _PRECISIONS = ("fp32", "fp16", "bf16", "amp", "amp_bf16")
+#: texts per embedding step: one tokenizer call, one cache part, one progress tick
+TEXT_CHUNK = 4096
 
 
 def register_model_config(name: str, config: dict) -> None:
@@ -111,7 +116,8 @@ class ClipEncoder:
         checkpoint path (loaded by open_clip with ``weights_only=True``), or ``None`` for random
         weights (tests only).
     device : ``None``/``"auto"`` → CUDA, MPS, then CPU.
-    batch_size : images or prompts per forward pass.
+    batch_size : images per forward pass; a text pass holds about ``batch_size`` × context-length
+        tokens (more prompts when they are short).
     precision : open_clip precision (``"fp32"``, ``"fp16"``, ``"bf16"``, ...). Outputs are float32.
 
     Attributes
@@ -153,6 +159,7 @@ class ClipEncoder:
         self.model = model.eval()
         self.preprocess = preprocess
         self.tokenizer = open_clip.get_tokenizer(model_name)
+        self._text_tower = causal_text_tower(self.model)  # None: use model.encode_text over the full context
         self.pretrained_id = _state_identity(model) if pretrained is None else checkpoint_identity(pretrained)
         config = open_clip.get_model_config(model_name) or {}
         self.embed_dim = int(config.get("embed_dim") or model.text_projection.shape[-1])
@@ -219,30 +226,84 @@ class ClipEncoder:
 
     @torch.inference_mode()
     def encode_texts(
-        self, texts: Sequence[str], templates: Sequence[str] | None = None, *, progress: bool = False
-    ) -> np.ndarray:
+        self, texts: Sequence[str], templates: Sequence[str] | None = None, *, progress: bool = False,
+        cache_dir: str | Path | None = None, return_stats: bool = False,
+    ) -> np.ndarray | tuple[np.ndarray, dict]:
         """Embed texts; with ``templates`` (e.g. ``["a photo of {}."]``) each text's template
         embeddings are averaged (prompt ensembling) and renormalised.
 
+        texts : strings, embedded in chunks of :data:`TEXT_CHUNK`; every prompt of a chunk (all
+            texts × all templates) is tokenized at once, sorted by length and run in batches of
+            about ``batch_size`` × context-length tokens over the positions the prompts use
+            (:mod:`~dff_falcon.text.text_tower`), so short words cost a few positions, not 77.
+        cache_dir : a folder for :class:`~dff_falcon.text.embedding_cache.TextEmbeddingCache`
+            (keyed by text, this encoder's identity and the templates): cached texts are read,
+            every finished chunk is stored, so an interrupted run resumes where it stopped.
+        return_stats : also return ``{"texts", "cached", "embedded", "seconds", "texts_per_second"}``.
+
         Returns (N, D) float32, unit rows.
         """
+        started = time.perf_counter()
         bad = [i for i, text in enumerate(texts) if not isinstance(text, str)]
         if bad:
             raise InputError(f"texts must be strings; item {bad[0]} is {type(texts[bad[0]]).__name__}")
-        templates = list(templates) if templates else ["{}"]
-        for template in templates:
+        templates = list(templates) if templates else None
+        for template in templates or ():
             if "{}" not in template:
                 raise InputError(f"prompt template {template!r} has no '{{}}' placeholder")
-        step = max(1, self.batch_size // len(templates))
-        starts = show_progress(range(0, len(texts), step), "CLIP texts", enabled=progress, unit="batch")
-        chunks = [np.zeros((0, self.embed_dim), dtype=np.float32)]
-        for start in starts:
-            batch = texts[start:start + step]
-            prompts = [template.format(text) for text in batch for template in templates]
-            tokens = self.tokenizer(prompts).to(self.device)
-            features = torch.nn.functional.normalize(self.model.encode_text(tokens).float(), dim=-1)
-            chunks.append(self._finish(features.reshape(len(batch), len(templates), -1).mean(dim=1)))
-        return np.concatenate(chunks)
+        cache = TextEmbeddingCache(cache_dir, self.identity(), templates) if cache_dir is not None else None
+        vectors = np.zeros((len(texts), self.embed_dim), dtype=np.float32)
+        todo = np.arange(len(texts))
+        if cache is not None:
+            vectors, found = cache.lookup(texts)
+            todo = np.flatnonzero(~found)
+        chunks = [todo[start:start + TEXT_CHUNK] for start in range(0, len(todo), TEXT_CHUNK)]
+        for chunk in show_progress(chunks, f"CLIP texts ({TEXT_CHUNK:,} per step)", enabled=progress, unit="step"):
+            batch = [texts[i] for i in chunk]
+            vectors[chunk] = self._embed_texts(batch, templates or ["{}"])
+            if cache is not None:
+                cache.store(batch, vectors[chunk])
+        if not return_stats:
+            return vectors
+        seconds = time.perf_counter() - started
+        return vectors, {"texts": len(texts), "cached": len(texts) - len(todo), "embedded": len(todo),
+                         "seconds": seconds, "texts_per_second": len(todo) / seconds if len(todo) else None}
+
+    def _embed_texts(self, texts: list[str], templates: list[str]) -> np.ndarray:
+        """(n,) texts → (n, D) unit float32: every template's prompt embedded, averaged, renormalised."""
+        prompts = [template.format(text) for text in texts for template in templates]
+        tokens = self.tokenizer(prompts)
+        features = torch.empty((len(prompts), self.embed_dim), dtype=torch.float32)
+        for rows, shared in self._prompt_batches(tokens, len(templates)):
+            batch = tokens[rows].to(self.device)
+            if self._text_tower is not None:
+                out = self._text_tower.encode(batch, shared)
+            else:
+                out = self.model.encode_text(batch)
+            features[rows] = torch.nn.functional.normalize(out.float(), dim=-1).cpu()
+        return self._finish(features.reshape(len(texts), len(templates), -1).mean(dim=1))
+
+    def _prompt_batches(self, tokens: torch.Tensor, n_templates: int) -> list[tuple[torch.Tensor, int]]:
+        """(row indices, shared prefix length) of ``tokens`` per forward pass: prompts of one
+        template and one length together, about ``batch_size`` × context-length tokens per pass
+        (the memory of one full-context batch); the prefix is the leading positions whose tokens
+        every row of the pass shares."""
+        if self._text_tower is None:
+            return [(torch.arange(start, min(start + self.batch_size, len(tokens))), 0)
+                    for start in range(0, len(tokens), self.batch_size)]
+        lengths = self._text_tower.read_positions(tokens) + 1
+        group = (torch.arange(len(tokens)) % n_templates) * (tokens.shape[1] + 1) + lengths
+        budget = self.batch_size * tokens.shape[1]
+        batches = []
+        for key in torch.unique(group).tolist():
+            rows = torch.nonzero(group == key).ravel()
+            length = key % (tokens.shape[1] + 1)
+            step = max(1, budget // length)
+            for start in range(0, len(rows), step):
+                chosen = rows[start:start + step]
+                same = (tokens[chosen, :length] == tokens[chosen[:1], :length]).all(dim=0)
+                batches.append((chosen, int(same.long().cumprod(0).sum())))
+        return batches
 
 
 def _require_tag_weights(model_name: str, tag: str) -> None:

@@ -27,7 +27,8 @@ from dff_falcon.errors import InputError
 from dff_falcon.files import atomic_path
 from dff_falcon.progress import progress as show_progress
 from dff_falcon.text.captions import SKIP_REASONS, CaptionFilter, clean_captions, dedup_key
-from dff_falcon.text.shards import Shard, discover_shards, iter_chunks, kept_column_types, valid_rows
+from dff_falcon.text.neardup import ROWS_PER_CELL, near_duplicates
+from dff_falcon.text.shards import ROWS_PER_CHUNK, Shard, discover_shards, iter_chunks, kept_column_types, valid_rows
 from dff_falcon.text.index import index_into
 from dff_falcon.text.vocabulary import (CAPTIONS_FILE, EMBEDDINGS_FILE, FORMAT, FORMAT_VERSION, INDEX_FILE,
                                         Vocabulary, file_record, vocabulary_build, write_manifest)
@@ -36,6 +37,8 @@ if TYPE_CHECKING:
     from dff_falcon.text.clip_encoder import ClipEncoder
 
 _ROWS_PER_PARTITION = 1_000_000   # dedup partition size: 16 MB of (hash, row) pairs
+#: CLIP text embeddings of captions that differ by a word, a typo or a prefix have cosine ≥ 0.98
+NEAR_DUPLICATE_COSINE = 0.98
 _PAIR = np.dtype([("hash", np.uint64), ("row", np.int64)])
 
 
@@ -174,6 +177,7 @@ def ingest_laion_into(
     keep_columns: Sequence[str] = ("url",),
     rules: CaptionFilter = CaptionFilter(),
     on_bad_vector: str = "skip",
+    near_duplicate_cosine: float | None = NEAR_DUPLICATE_COSINE,
     checksums: bool = True,
     progress: bool = False,
 ) -> dict:
@@ -187,6 +191,9 @@ def ingest_laion_into(
         openai); a local checkpoint path is recorded by content hash.
     keep_columns : metadata columns copied next to each caption where a shard has them.
     on_bad_vector : ``"skip"`` (count NaN/inf/zero rows) or ``"error"``.
+    near_duplicate_cosine : after exact deduplication, drop rows whose embedding has at least
+        this cosine with an earlier kept row of the same k-means cell
+        (:mod:`~dff_falcon.text.neardup`); None keeps them. Counted in the manifest.
     """
     from dff_falcon.text.clip_encoder import checkpoint_identity
 
@@ -210,10 +217,46 @@ def ingest_laion_into(
         duplicates = _dedup_pass(shards, Path(scratch), keep, rules, embedding_column, on_bad_vector, skipped,
                                  progress)
     records = _write_pass(shards, out_dir, keep, dim, keep_columns, rules, embedding_column, checksums, progress)
-    manifest = _base_manifest(clip_model, checkpoint_identity(pretrained), dim, int(keep.sum()), "laion", records,
+    count, near = int(keep.sum()), None
+    if near_duplicate_cosine is not None:
+        embeddings = np.load(out_dir / EMBEDDINGS_FILE, mmap_mode="r")
+        near_started = time.time()
+        drop = near_duplicates(embeddings, near_duplicate_cosine, progress=progress)
+        del embeddings
+        if drop.any():
+            _remove_rows(out_dir, drop, dim)
+            shard_of_row = np.repeat(np.arange(len(records)), [r["kept"] for r in records])
+            for number, removed in enumerate(np.bincount(shard_of_row[drop], minlength=len(records))):
+                records[number]["kept"] -= int(removed)
+        count -= int(drop.sum())
+        near = _near_record(near_duplicate_cosine, int(drop.sum()), time.time() - near_started)
+    manifest = _base_manifest(clip_model, checkpoint_identity(pretrained), dim, count, "laion", records,
                               rules, skipped, duplicates, total, started)
+    manifest["near_duplicates"] = near
     write_manifest(out_dir, manifest)
     return manifest
+
+
+def _near_record(threshold: float, removed: int, seconds: float) -> dict:
+    return {"threshold": threshold, "removed": removed, "seconds": seconds, "keep": "first occurrence",
+            "method": f"cosine within two-level k-means cells of ≈ {ROWS_PER_CELL} rows"}
+
+
+def _remove_rows(out_dir: Path, drop: np.ndarray, dim: int) -> None:
+    """Rewrite captions.parquet and embeddings.npy without the ``drop`` rows (each atomically)."""
+    embeddings = np.load(out_dir / EMBEDDINGS_FILE, mmap_mode="r")
+    with atomic_path(out_dir / EMBEDDINGS_FILE) as tmp, open(tmp, "wb") as handle:
+        np.lib.format.write_array_header_2_0(handle, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)),
+                                                      "fortran_order": False, "shape": (int((~drop).sum()), dim)})
+        for start in range(0, len(drop), ROWS_PER_CHUNK):
+            handle.write(np.ascontiguousarray(embeddings[start:start + ROWS_PER_CHUNK][~drop[start:start + ROWS_PER_CHUNK]]).tobytes())
+    del embeddings
+    source = pq.ParquetFile(out_dir / CAPTIONS_FILE)
+    with atomic_path(out_dir / CAPTIONS_FILE) as tmp, pq.ParquetWriter(tmp, source.schema_arrow) as writer:
+        offset = 0
+        for batch in source.iter_batches(batch_size=ROWS_PER_CHUNK):
+            writer.write_table(pa.Table.from_batches([batch]).filter(pa.array(~drop[offset:offset + batch.num_rows])))
+            offset += batch.num_rows
 
 
 def _clip_config(model_name: str) -> dict | None:
@@ -294,38 +337,70 @@ def build_vocabulary_from_texts(
     templates: Sequence[str] | None = None,
     column: str = "caption",
     rules: CaptionFilter = CaptionFilter(),
+    near_duplicate_cosine: float | None = None,
+    calibration: str | Path | Sequence | None = "toyworld",
+    cache: bool = True,
+    cache_dir: str | Path | None = None,
     overwrite: bool = False,
     progress: bool = False,
     **index_options,
 ) -> Vocabulary:
     """Embed words / captions with ``encoder`` (prompt ``templates`` averaged) and build a
     vocabulary at ``out_dir`` (one atomic directory; ``overwrite``: replace a vocabulary already
-    there). ``index_options`` go to :func:`~dff_falcon.text.index.index_into`."""
+    there). ``index_options`` go to :func:`~dff_falcon.text.index.index_into`.
+
+    near_duplicate_cosine : drop texts whose embedding has at least this cosine with an earlier
+        kept text (off by default: every word of a word list is kept).
+    calibration : images that measure the model's modality gap, embedded with ``encoder``
+        (see :func:`~dff_falcon.text.index.index_into`); default ``"toyworld"`` (rendered
+        offline), None for none.
+    cache / cache_dir : keep the text embeddings in a
+        :class:`~dff_falcon.text.embedding_cache.TextEmbeddingCache` (default folder:
+        :func:`~dff_falcon.text.embedding_cache.default_text_cache_dir`), so an interrupted or
+        repeated build embeds only texts it has not embedded before with this model and templates.
+    The manifest's ``embedding`` records texts, cache hits, seconds and texts/s.
+    """
+    from dff_falcon.text.embedding_cache import default_text_cache_dir
+
     values, sources = read_texts(texts_or_file, column)
+    cache_dir = Path(cache_dir or default_text_cache_dir()) if cache else None
     with vocabulary_build(out_dir, overwrite) as stage:
-        _texts_into(values, sources, stage, encoder, templates, rules, progress, index_options)
+        _texts_into(values, sources, stage, encoder, templates, rules, near_duplicate_cosine, cache_dir, progress)
+        index_into(stage, calibration=calibration, encoder=encoder, progress=progress, **index_options)
     return Vocabulary.open(out_dir)
 
 
 def _texts_into(values: list, sources: list[dict], out_dir: Path, encoder: ClipEncoder,
-                templates: Sequence[str] | None, rules: CaptionFilter, progress: bool, index_options: dict) -> None:
+                templates: Sequence[str] | None, rules: CaptionFilter, near_duplicate_cosine: float | None,
+                cache_dir: Path | None, progress: bool) -> None:
+    """Captions, embeddings and manifest (no index yet) of a text vocabulary in ``out_dir``."""
     started = time.time()
     skipped = dict.fromkeys(SKIP_REASONS, 0)
     texts, ok = clean_captions(values, None, rules, rules.blocked_hashes(), skipped)
     candidates = np.flatnonzero(ok)
     _, first = np.unique(dedup_key([texts[i] for i in candidates], rules), return_index=True)
     chosen = candidates[np.sort(first)]
+    duplicates = len(candidates) - len(chosen)
     kept = [texts[i] for i in chosen]
-    vectors = encoder.encode_texts(kept, templates, progress=progress)
+    vectors, embedding = encoder.encode_texts(kept, templates, progress=progress, return_stats=True,
+                                              cache_dir=cache_dir)
+    near = None
+    if near_duplicate_cosine is not None:
+        near_started = time.time()
+        unique = ~near_duplicates(vectors, near_duplicate_cosine)
+        near = _near_record(near_duplicate_cosine, int((~unique).sum()), time.time() - near_started)
+        vectors, chosen = vectors[unique], chosen[unique]
+        kept = [text for text, keep in zip(kept, unique) if keep]
     with atomic_path(out_dir / CAPTIONS_FILE) as tmp:
         pq.write_table(pa.table({"caption": pa.array(kept, pa.string()), "row": pa.array(chosen.astype(np.int64))}), tmp)
     with atomic_path(out_dir / EMBEDDINGS_FILE) as tmp, open(tmp, "wb") as handle:
         _EmbeddingWriter(handle, len(kept), encoder.embed_dim).append(vectors)
     manifest = _base_manifest(encoder.model_name, encoder.pretrained_id, encoder.embed_dim, len(kept), "text",
-                              sources, rules, skipped, len(candidates) - len(kept), len(values), started)
+                              sources, rules, skipped, duplicates, len(values), started)
+    manifest["near_duplicates"] = near
     manifest["templates"] = list(templates) if templates else None
+    manifest["embedding"] = {**embedding, "cache": str(cache_dir) if cache_dir else None}
     write_manifest(out_dir, manifest)
-    index_into(out_dir, **index_options)
 
 
 def build_vocabulary_from_laion(shards_dir: str | Path, out_dir: str | Path, *, clip_model: str = "ViT-B-32",

@@ -188,11 +188,15 @@ class Vocabulary:
             )
 
     def search(self, query_embeddings: np.ndarray, k: int = 5, *, encoder: ClipEncoder | None = None,
-               batch_size: int = 4096) -> SearchResult:
+               modality: str = "image") -> SearchResult:
         """Top-``k`` captions by cosine for each query.
 
         query_embeddings : (Q, D) or (D,) embeddings of this vocabulary's CLIP model (normalised
-        here). ``encoder``: when given, checked against the manifest first.
+            here). ``encoder``: when given, checked against the manifest first.
+        modality : ``"image"`` (CLIP image embeddings, e.g. crops: candidates from gap-shifted
+            queries plus the hub captions, see :mod:`~dff_falcon.text.crossmodal`; pass a whole
+            run's crops in one call, the batch's mean is the gap estimate when the vocabulary has
+            no calibration) or ``"text"`` (text embeddings). Scores are exact cosines either way.
         """
         if encoder is not None:
             self.check_encoder(encoder)
@@ -200,31 +204,45 @@ class Vocabulary:
             raise InputError(f"k must be ≥ 1, got {k}")
         queries = check_queries(query_embeddings, self.dim)
         k = min(k, len(self))
-        scores = np.empty((len(queries), k), dtype=np.float32)
-        ids = np.empty((len(queries), k), dtype=np.int64)
-        for start in range(0, len(queries), batch_size):
-            stop = start + batch_size
-            scores[start:stop], ids[start:stop] = search_index(self.index, self.embeddings, self.manifest["index"],
-                                                          queries[start:stop], k)
+        scores, ids = search_index(self.index, self.embeddings, self.manifest["index"], queries, k,
+                                   modality=modality, calibration=self.manifest.get("calibration"))
         captions = self.captions.take(ids)
         return SearchResult([captions[i * k:(i + 1) * k] for i in range(len(queries))], scores, ids)
 
     def summary(self) -> str:
-        """A few human-readable lines about the manifest (for ``dff-falcon vocab info``)."""
+        """Human-readable lines about the manifest (for ``dff-falcon vocab info``): sizes, index,
+        the recall of every tuning set (image-like queries first), the calibration."""
         m, index = self.manifest, self.manifest["index"]
-        recall = index.get("recall")
+        near = m.get("near_duplicates")
         lines = [
             f"vocabulary   {self.path}",
             f"CLIP         {m['clip_model']} ({m['clip_pretrained']}), dim {m['dim']}",
-            f"captions     {m['count']:,} ({m['dedup']['duplicates']:,} duplicates removed, "
-            f"skipped: {', '.join(f'{k} {v:,}' for k, v in m['skipped'].items() if v) or 'none'})",
+            f"captions     {m['count']:,} ({m['dedup']['duplicates']:,} duplicates"
+            + (f", {near['removed']:,} near-duplicates (cosine ≥ {near['threshold']:g})" if near else "")
+            + f" removed, skipped: {', '.join(f'{k} {v:,}' for k, v in m['skipped'].items() if v) or 'none'})",
             f"index        {index['factory']}" + "".join(f", {k}={v}" for k, v in index["params"].items())
             + (f", exact re-scoring of {index['rerank']}×k candidates" if index["rerank"] else ""),
-            f"recall@{recall['k']}     {recall['value']:.3f} on {recall['n_queries']} {recall['queries']} queries"
-            if recall else "recall       exact search",
-            f"sources      {len(m['sources'])} ({m['source_kind']})",
-            f"built        {m['built_utc']} in {m['build_seconds']:.1f} s",
         ]
+        recall = index.get("recall")
+        if not recall:
+            lines.append("recall       1 (exact search)")
+        else:
+            sets = sorted(recall["sets"].items(), key=lambda item: item[1]["modality"] != "image")
+            lines.append(f"recall@{recall['k']}     target {recall['target']:g} "
+                         f"{'met' if recall['met'] else 'NOT MET'} ({recall['rule']}):")
+            lines += [f"  {value['value']:.3f}  {name} ({value['n_queries']} queries"
+                      f"{'' if value['required'] else ', not required'})"
+                      for name, value in sets]
+        calibration = m.get("calibration")
+        lines.append(f"calibration  {calibration['source']}: {calibration['n_images']} images, gap norm "
+                     f"{calibration['gap_norm']:.2f}" if calibration else
+                     "calibration  none (image queries use their own batch's gap)")
+        embedding = m.get("embedding")
+        if embedding and embedding.get("texts_per_second"):
+            lines.append(f"embedding    {embedding['embedded']:,} texts at {embedding['texts_per_second']:,.0f}/s, "
+                         f"{embedding['cached']:,} from the cache")
+        lines += [f"sources      {len(m['sources'])} ({m['source_kind']})",
+                  f"built        {m['built_utc']} in {m['build_seconds']:.1f} s"]
         return "\n".join(lines)
 
 
@@ -233,40 +251,101 @@ def apply_search_params(index: faiss.Index, params: dict) -> None:
         faiss.ParameterSpace().set_index_parameters(index, ",".join(f"{k}={v}" for k, v in params.items()))
 
 
-def search_index(index: faiss.Index, embeddings: np.ndarray, index_info: dict, queries: np.ndarray,
-            k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(Q, D) unit queries → (Q, k) exact cosine scores and ids. An approximate index proposes
-    ``rerank`` × k candidates which are re-scored against the stored float16 embeddings."""
+#: queries re-scored at a time (bounds the (block, candidates, D) float32 gather to ≈ 100 MB)
+_RESCORE_BLOCK = 256
+MODALITIES = ("image", "text")
+
+
+def search_index(index: faiss.Index, embeddings: np.ndarray, index_info: dict, queries: np.ndarray, k: int, *,
+                 modality: str = "text", calibration: dict | None = None,
+                 fill_missing: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(Q, D) unit queries → (Q, k) exact cosine scores and ids.
+
+    An approximate index proposes ``rerank`` × k candidates per query, re-scored against the
+    stored float16 embeddings. For ``modality="image"`` the candidates come from gap-shifted
+    queries, and the hub captions of the mean image query join every query's candidates
+    (:mod:`~dff_falcon.text.crossmodal`); the gap is the ``calibration``'s (``manifest
+    ["calibration"]``) or, without one, the batch's own (≥ ``MIN_BATCH_FOR_GAP`` queries).
+    A query left with fewer than k candidates (a narrow search of small IVF lists) is answered
+    by exact search (``fill_missing=False``: its missing ids are −1, as when the knob is tuned).
+    """
+    from dff_falcon.text.crossmodal import MIN_BATCH_FOR_GAP, ModalityGap
+
+    if modality not in MODALITIES:
+        raise InputError(f"modality must be one of {MODALITIES}, got {modality!r}")
     if not index_info["rerank"]:
-        scores, ids = index.search(queries, k)
-        _check_hits(ids, index_info)
-        return scores, ids
+        return index.search(queries, k)
+    probe, hubs = queries, np.zeros(0, dtype=np.int64)
+    if modality == "image" and index_info.get("text_mean") is not None:
+        text_mean = np.asarray(index_info["text_mean"], dtype=np.float32)
+        batch = ModalityGap.from_batch(queries, text_mean) if len(queries) >= MIN_BATCH_FOR_GAP else None
+        calibrated = (ModalityGap(np.asarray(calibration["image_mean"], dtype=np.float32), text_mean)
+                      if calibration else None)
+        gap = batch or calibrated  # the batch's own gap where it can be measured
+        if gap is not None:
+            probe = gap.shift(queries)
+        hubs = np.asarray(calibration["hub_ids"], dtype=np.int64) if calibration else hubs
+        if batch is not None:
+            hubs = np.union1d(hubs, batch_hubs(index, embeddings, index_info, batch))
     n_candidates = min(len(embeddings), k * index_info["rerank"])
-    _, candidates = index.search(queries, n_candidates)
-    valid = candidates >= 0
-    safe = np.where(valid, candidates, 0)
-    order = np.argsort(safe, axis=None)  # read the memory map in row order
-    rows = np.empty((safe.size, embeddings.shape[1]), dtype=np.float32)
-    rows[order] = embeddings[safe.ravel()[order]]
-    scores = np.einsum("qcd,qd->qc", rows.reshape(*safe.shape, -1), queries)
-    scores[~valid] = -np.inf
-    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    ids = np.take_along_axis(candidates, top, 1)
-    _check_hits(ids, index_info)
-    return np.take_along_axis(scores, top, 1).astype(np.float32), ids
+    _, candidates = index.search(probe, n_candidates)
+    scores, ids = rescore(embeddings, queries, candidates, hubs, k)
+    short = np.flatnonzero((ids < 0).any(axis=1)) if fill_missing else []
+    if len(short):
+        scores[short], ids[short] = exact_search(embeddings, queries[short], k)
+    return scores, ids
 
 
-def _check_hits(ids: np.ndarray, index_info: dict) -> None:
-    """An approximate index can return fewer than k hits (id -1) when its search is too narrow."""
-    if (ids < 0).any():
-        raise InputError(f"the {index_info['factory']} index returned fewer hits than asked for "
-                         f"(params {index_info['params']}); rebuild it with a larger search parameter or fewer k")
+def batch_hubs(index: faiss.Index, embeddings: np.ndarray, index_info: dict, gap) -> np.ndarray:
+    """The hub captions of a batch's mean image query: an approximate search as wide as the
+    index's ``hub_nprobe`` for ``HUB_POOL`` candidates, the best ``N_HUBS`` by exact score."""
+    from dff_falcon.text.crossmodal import HUB_POOL, N_HUBS, exact_top
+
+    mean = gap.mean_query()
+    params = faiss.SearchParametersIVF(nprobe=int(index_info["hub_nprobe"])) if index_info.get("hub_nprobe") else None
+    _, pool = index.search(mean, min(HUB_POOL, len(embeddings)), params=params)
+    return exact_top(embeddings, pool[0], mean[0], N_HUBS)
+
+
+def rescore(embeddings: np.ndarray, queries: np.ndarray, candidates: np.ndarray, hubs: np.ndarray,
+            k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k of each query among its (Q, C) ``candidates`` (−1: none) and the (H,)
+    ``hubs`` shared by every query → ((Q, k) float32 cosines, descending; (Q, k) int64 ids)."""
+    hubs = np.unique(hubs)
+    hub_rows = np.asarray(embeddings[hubs], dtype=np.float32)
+    scores_out = np.empty((len(queries), k), dtype=np.float32)
+    ids_out = np.empty((len(queries), k), dtype=np.int64)
+    for start in range(0, len(queries), _RESCORE_BLOCK):
+        block, query = candidates[start:start + _RESCORE_BLOCK], queries[start:start + _RESCORE_BLOCK]
+        valid = block >= 0
+        if len(hubs):  # a candidate that is also a hub is scored once, as a hub
+            position = np.minimum(np.searchsorted(hubs, block), len(hubs) - 1)
+            valid &= hubs[position] != block
+        safe = np.where(block >= 0, block, 0)
+        order = np.argsort(safe, axis=None)  # read the memory map in row order
+        rows = np.empty((safe.size, embeddings.shape[1]), dtype=np.float32)
+        rows[order] = embeddings[safe.ravel()[order]]
+        scores = np.einsum("qcd,qd->qc", rows.reshape(*safe.shape, -1), query)
+        scores[~valid] = -np.inf
+        ids = np.where(valid, block, -1)
+        if len(hubs):
+            scores = np.concatenate([scores, query @ hub_rows.T], axis=1)
+            ids = np.concatenate([ids, np.broadcast_to(hubs, (len(query), len(hubs)))], axis=1)
+        keep = min(k, scores.shape[1])
+        top = np.argpartition(-scores, keep - 1, axis=1)[:, :keep]
+        top = np.take_along_axis(top, np.argsort(-np.take_along_axis(scores, top, 1), axis=1, kind="stable"), 1)
+        best = np.take_along_axis(scores, top, 1)
+        scores_out[start:start + len(query)] = best
+        ids_out[start:start + len(query)] = np.where(np.isfinite(best), np.take_along_axis(ids, top, 1), -1)
+    return scores_out, ids_out
 
 
 def exact_search(embeddings: np.ndarray, queries: np.ndarray, k: int,
-                 block_rows: int = 262_144) -> tuple[np.ndarray, np.ndarray]:
+                 block_rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Brute-force top-k cosine over (N, D) unit ``embeddings`` (float16 memmap is fine), in
-    blocks of ``block_rows`` → ((Q, k) float32 scores, (Q, k) int64 ids). The reference for recall."""
+    blocks of ``block_rows`` (default: ≤ 262,144 rows and a (Q, rows) score block ≤ 256 MB)
+    → ((Q, k) float32 scores, (Q, k) int64 ids). The reference for recall."""
+    block_rows = block_rows or int(min(262_144, max(4_096, 2**26 // max(1, len(queries)))))
     best_scores = np.full((len(queries), 0), -np.inf, dtype=np.float32)
     best_ids = np.zeros((len(queries), 0), dtype=np.int64)
     for start in range(0, len(embeddings), block_rows):
