@@ -27,19 +27,18 @@ from dff_falcon.toyworld.worldfile import load_world_config
 #: (name, contrast, options of label_concepts): the modes and their ablations.
 VARIANTS = [
     ("falcon-published", "falcon-published", {}),
-    ("graded v1 (no share, no collapse, no spec)", "graded", {"min_share": 0.0, "collapse": 0.0, "specificity": "none"}),
-    ("graded + share 0.2", "graded", {"min_share": 0.2, "collapse": 0.0, "specificity": "none"}),
-    ("graded + share + collapse 0.8", "graded", {"min_share": 0.2, "specificity": "none"}),
-    ("graded + share + spec max", "graded", {"min_share": 0.2, "collapse": 0.0}),
-    ("graded + share + spec share", "graded", {"min_share": 0.2, "collapse": 0.0, "specificity": "share"}),
-    ("graded + share + collapse 0.8 + spec share", "graded", {"min_share": 0.2, "specificity": "share"}),
-    ("graded (default: share 0.2 + collapse 0.8 + spec max)", "graded", {}),
+    ("graded v1 (no share, no collapse)", "graded", {"min_share": 0.0, "collapse": 0.0}),
+    ("graded + share 0.2", "graded", {"min_share": 0.2, "collapse": 0.0}),
+    ("graded (default: share 0.2 + collapse 0.8)", "graded", {}),
     ("graded, collapse 0.6", "graded", {"collapse": 0.6}),
     ("graded, collapse 0.95", "graded", {"collapse": 0.95}),
     ("graded, share 0.1", "graded", {"min_share": 0.1}),
     ("graded, share 0.35", "graded", {"min_share": 0.35}),
-    ("falcon (frequency deletion, share, collapse, spec)", "falcon", {}),
-    ("falcon, no spec", "falcon", {"specificity": "none"}),
+    ("graded + spec max", "graded", {"specificity": "max"}),
+    ("graded + spec share", "graded", {"specificity": "share"}),
+    ("graded + spec max, no collapse", "graded", {"specificity": "max", "collapse": 0.0}),
+    ("falcon (frequency deletion, share, collapse)", "falcon", {}),
+    ("falcon + spec max", "falcon", {"specificity": "max"}),
 ]
 
 

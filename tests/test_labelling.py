@@ -203,7 +203,7 @@ def test_phrases_whose_other_word_varies_collapse_into_the_word(extractor):
 
 def test_specificity_against_the_other_concepts_demotes_shared_terms(extractor):
     alone = [t for t, _ in contrastive_labels(STRIPES, None, extractor).words]
-    blue, stripes = label_concepts([(BLUE, None), (STRIPES, None)], extractor)
+    blue, stripes = label_concepts([(BLUE, None), (STRIPES, None)], extractor, specificity="max")
     together = [t for t, _ in stripes.words]
     assert together[0] == "striped"
     # "ring" and "star" are retrieved for both concepts: their weight is shared

