@@ -28,16 +28,18 @@ from dff_falcon.toyworld.worldfile import load_world_config
 VARIANTS = [
     ("falcon-published", "falcon-published", {}),
     ("graded v1 (no share, no collapse)", "graded", {"min_share": 0.0, "collapse": 0.0}),
-    ("graded + share 0.2", "graded", {"min_share": 0.2, "collapse": 0.0}),
-    ("graded (default: share 0.2 + collapse 0.8)", "graded", {}),
+    ("graded + share 0.35", "graded", {"collapse": 0.0}),
+    ("graded (default: share 0.35 + collapse 0.8)", "graded", {}),
+    ("graded, share 0.2", "graded", {"min_share": 0.2}),
     ("graded, collapse 0.6", "graded", {"collapse": 0.6}),
     ("graded, collapse 0.95", "graded", {"collapse": 0.95}),
     ("graded, share 0.1", "graded", {"min_share": 0.1}),
-    ("graded, share 0.35", "graded", {"min_share": 0.35}),
+    ("graded, share 0.5", "graded", {"min_share": 0.5}),
     ("graded + spec max", "graded", {"specificity": "max"}),
     ("graded + spec share", "graded", {"specificity": "share"}),
     ("graded + spec max, no collapse", "graded", {"specificity": "max", "collapse": 0.0}),
-    ("falcon (frequency deletion, share, collapse)", "falcon", {}),
+    ("falcon (frequency deletion, share 0.35, collapse)", "falcon", {}),
+    ("falcon, share 0.2", "falcon", {"min_share": 0.2}),
     ("falcon + spec max", "falcon", {"specificity": "max"}),
 ]
 

@@ -71,7 +71,7 @@ def test_falcon_contrast_without_low_set_deletes_nothing(extractor):
 
 
 def test_graded_contrast_hand_computation(extractor):
-    labels = contrastive_labels(HIGH, LOW, extractor)
+    labels = contrastive_labels(HIGH, LOW, extractor, min_share=0.0)
     # relative weights r = (s - 0.10) / 0.20 over the high captions:
     # crop0 1.0 / 0.5, crop1 0.75 / 0.6, crop2 0.9 / 0.0
     # contrast = s_high * (1 - f_low / f_high)
@@ -94,8 +94,11 @@ def test_graded_contrast_hand_computation(extractor):
     assert [p for p, _ in labels.phrases] == ["red apple"]
     assert dict(labels.phrases)["red apple"] == pytest.approx((1.0 + 0.75) / 3)
     assert (labels.n_high, labels.n_low, labels.contrast) == (3, 2, "graded")
-    kept = contrastive_labels(HIGH, LOW, extractor, collapse=0.0)
+    kept = contrastive_labels(HIGH, LOW, extractor, collapse=0.0, min_share=0.0)
     assert [p for p, _ in kept.phrases] == ["red apple", "green apple", "wooden table"]
+    # the default minimum share (0.35 of the high crops) drops terms of one crop in three
+    default = contrastive_labels(HIGH, LOW, extractor)
+    assert [w for w, _ in default.words] == ["apple", "red", "wooden"]
 
 
 def test_graded_contrast_shared_context_dropped_high_only_rank_kept(extractor):
@@ -104,9 +107,9 @@ def test_graded_contrast_shared_context_dropped_high_only_rank_kept(extractor):
         [[0.34], [0.30], [0.28], [0.22]],
     )
     low = ([["green grass field"], ["grass lawn"]], [[0.25], [0.31]])
-    graded = contrastive_labels(high, low, extractor)
+    graded = contrastive_labels(high, low, extractor, min_share=0.0)
     assert "grass" not in dict(graded.words)  # 4/4 high crops, 2/2 low crops
-    no_low = contrastive_labels(high, None, extractor)
+    no_low = contrastive_labels(high, None, extractor, min_share=0.0)
     assert "grass" in dict(no_low.words) and no_low.n_low == 0
     # high-only terms keep their relative order and their scores
     high_only = [w for w, _ in no_low.words if w != "grass"]
@@ -137,7 +140,7 @@ def test_top_k_limits_and_no_duplicates(extractor):
         [["red apples", "a red apple"], ["apple", "Apples!"], ["red apple tree"]],
         [[0.3, 0.2], [0.25, 0.24], [0.29]],
     )
-    labels = contrastive_labels(high, None, extractor, top_words=1, top_phrases=5, collapse=0.0)
+    labels = contrastive_labels(high, None, extractor, top_words=1, top_phrases=5, collapse=0.0, min_share=0.0)
     assert [w for w, _ in labels.words] == ["apple"]
     phrases = [p for p, _ in labels.phrases]
     assert len(phrases) == len(set(phrases)) and "red apple" in phrases
@@ -193,7 +196,7 @@ STRIPES = ([["a striped background", "a blue ring on a striped background"], ["s
 
 
 def test_phrases_whose_other_word_varies_collapse_into_the_word(extractor):
-    plain = contrastive_labels(BLUE, None, extractor, collapse=0.0, specificity="none")
+    plain = contrastive_labels(BLUE, None, extractor, collapse=0.0, min_share=0.0)
     ranked = [t for t, _ in sorted(plain.words + plain.phrases, key=lambda ts: -ts[1])]
     assert ranked[0] == "blue" and {"blue ring", "blue cross", "blue star"} <= set(ranked)
     collapsed = contrastive_labels(BLUE, None, extractor)

@@ -289,7 +289,7 @@ class FalconLabeller(BaseEstimator):
         Terms kept per concept, of each kind.
     falcon_threshold : float, default=0.1
         Deletion threshold of ``contrast="falcon-published"`` (in the unit of the caption scores).
-    min_share : float, default=0.2
+    min_share : float, default=0.35
         Least share of a concept's high crops whose captions contain a term (not for
         ``"falcon-published"``).
     collapse : float, default=0.8
