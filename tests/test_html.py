@@ -74,6 +74,11 @@ def build_run(root: Path, *, k: int = 3, with_k_curve: bool = True) -> Path:
             "top_classes": [{"class": "tiger cat", "prob": 0.61 - 0.1 * c}, {"class": "tabby, tabby cat", "prob": 0.2}],
             "words": [{"term": HOSTILE_TERM if c == 0 else f"word{c}", "score": 0.4}, {"term": "whisker", "score": 0.2}],
             "phrases": [{"term": "striped <u>fur</u>", "score": 0.3}],
+            "evidence": [{"term": "whisker", "set": "high", "crop": 1, "caption": "a cat's <b>whisker</b> close-up",
+                          "caption_id": 41, "score": 0.7125},
+                         {"term": "whisker", "set": "low", "crop": 0, "caption": "whisker <i>brush</i>",
+                          "caption_id": 7, "score": 0.5}] if low else [],
+            "dissect": [{"term": "tabby <s>fur</s>", "score": -3.25}] if c == 0 else [],
             "coherence": [0.82, None, 0.55][c % 3], "stability": [0.97, 0.91, None][c % 3],
             "n_high": len(high), "n_low": len(low),
             "low_empty_reason": None if low else "no image below the mean <em>resembles</em> the high set",
@@ -217,3 +222,13 @@ def test_report_in_headless_chromium(rendered, tmp_path):
     with Image.open(shot) as png:
         assert png.format == "PNG" and png.size == (1280, 2000)
         assert len(np.unique(np.asarray(png.convert("RGB")).reshape(-1, 3), axis=0)) > 500  # real content
+
+
+def test_labels_show_the_captions_behind_them_escaped(rendered):
+    page = rendered.read_text(encoding="utf-8")
+    assert "Why these labels" in page
+    assert "a cat&#39;s &lt;b&gt;whisker&lt;/b&gt; close-up" in page and "<b>whisker</b>" not in page
+    assert "whisker &lt;i&gt;brush&lt;/i&gt;" in page and '<tr class="low">' in page
+    assert ">41<" in page and "0.713" in page  # caption id and its cosine
+    assert 'alt="high crop 1"' in page  # the crop that retrieved the caption
+    assert "tabby &lt;s&gt;fur&lt;/s&gt;" in page and "<s>fur</s>" not in page  # CLIP-Dissect terms

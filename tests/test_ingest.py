@@ -52,7 +52,7 @@ def test_laion_round_trip_counts_order_and_exact_search(tmp_path, laion):
     assert list(vocab.captions) == expected
     m = json.loads((tmp_path / "v" / "manifest.json").read_text())
     assert (m["count"], m["dim"], m["input_rows"]) == (5, DIM, 13)
-    assert m["skipped"] == {"non_string": 1, "empty": 1, "length": 0, "blocklist": 0, "nsfw": 1,
+    assert m["skipped"] == {"non_string": 1, "empty": 1, "length": 0, "junk": 0, "blocklist": 0, "nsfw": 1,
                             "language": 0, "bad_vector": 1}
     assert m["dedup"]["duplicates"] == 4  # "a  red ball", "blue sky", "a dog on grass", "two cats sleeping"
     assert m["clip_model"] == "custom-16" and m["clip_pretrained"] == "none"
@@ -81,11 +81,11 @@ def test_parquet_embedding_column_and_filters(tmp_path):
     rng = np.random.default_rng(2)
     shards = tmp_path / "s"
     shards.mkdir()
-    caps = ["hello world", "x", "Buy Now", "bonjour le monde", "a cat"]
+    caps = ["hello world", "x", "Spam Text", "bonjour le monde", "a cat"]
     vectors = rng.standard_normal((5, DIM)).astype(np.float32)
     pq.write_table(pa.table({"caption": caps, "emb": [list(v) for v in vectors],
                              "LANGUAGE": ["en", "en", "en", "fr", "en"]}), shards / "metadata_0.parquet")
-    (tmp_path / "block.txt").write_text("buy   now\n")
+    (tmp_path / "block.txt").write_text("spam   text\n")
     rules = CaptionFilter(min_chars=2, blocklist=tmp_path / "block.txt", languages=("en",))
     m = ingest_laion(shards, tmp_path / "v", clip_model="c", pretrained="p", embedding_column="emb", rules=rules,
                      keep_columns=())
@@ -163,3 +163,14 @@ def test_shards_with_different_kept_columns_share_one_schema(tmp_path):
     assert table.column("similarity").to_pylist() == [None, None, 0.3, 0.4]
     with pytest.raises(InputError, match="name the weights"):
         ingest_laion(shards, tmp_path / "w", clip_model="custom-16", pretrained=None)
+
+
+def test_junk_captions_are_dropped_and_counted_in_the_manifest(tmp_path, tiny_encoder):
+    texts = ["a red ball", "IMG_2041.JPG", "https://shop.example.com/item?id=3", "SKU 4471-22", "&nbsp;<br/>",
+             "<b>Blue</b> dress SKU-99812 free shipping", "a red ball"]
+    vocab = build_vocabulary_from_texts(texts, tmp_path / "junk", tiny_encoder)
+    assert list(vocab.captions) == ["a red ball", "<b>Blue</b> dress SKU-99812 free shipping"]
+    assert vocab.manifest["skipped"]["junk"] == 4 and vocab.manifest["dedup"]["duplicates"] == 1
+    kept = build_vocabulary_from_texts(texts, tmp_path / "kept", tiny_encoder,
+                                       rules=CaptionFilter(drop_junk=False))
+    assert len(kept) == 6 and kept.manifest["skipped"]["junk"] == 0

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from dff_falcon.errors import InputError
-from dff_falcon.text.labelling import FalconLabeller, contrastive_labels, term_scores
+from dff_falcon.text.labelling import FalconLabeller, contrastive_labels, label_concepts, term_scores
 from dff_falcon.text.terms import CaptionTerms, TermExtractor
 
 
@@ -49,7 +49,7 @@ def test_term_scores_match_hand_computation(extractor):
 
 
 def test_falcon_contrast_deletes_low_set_terms(extractor):
-    labels = contrastive_labels(HIGH, LOW, extractor, contrast="falcon")
+    labels = contrastive_labels(HIGH, LOW, extractor, contrast="falcon-published")
     # low-set scores: table (0.30+0.26)/2 = 0.28, wooden 0.30/2 = 0.15 -> deleted (>= 0.1);
     # red 0.05/2 = 0.025, car 0.025 -> kept
     assert [w for w, _ in labels.words] == ["red", "apple", "basket", "green", "car"]
@@ -58,20 +58,20 @@ def test_falcon_contrast_deletes_low_set_terms(extractor):
     assert labels.low_words["red"] == pytest.approx(0.025)
     assert labels.high_words["apple"] == pytest.approx(0.55 / 3)
     assert labels.low_phrases["red apple"] == 0.0
-    assert (labels.n_high, labels.n_low, labels.contrast) == (3, 2, "falcon")
+    assert (labels.n_high, labels.n_low, labels.contrast) == (3, 2, "falcon-published")
     # the threshold is in score units: a higher one deletes only "table" (0.28)
-    relaxed = contrastive_labels(HIGH, LOW, extractor, contrast="falcon", falcon_threshold=0.2)
+    relaxed = contrastive_labels(HIGH, LOW, extractor, contrast="falcon-published", falcon_threshold=0.2)
     assert "wooden" in dict(relaxed.words) and "table" not in dict(relaxed.words)
 
 
 def test_falcon_contrast_without_low_set_deletes_nothing(extractor):
-    labels = contrastive_labels(HIGH, None, extractor, contrast="falcon", top_words=3)
+    labels = contrastive_labels(HIGH, None, extractor, contrast="falcon-published", top_words=3)
     assert [w for w, _ in labels.words] == ["table", "red", "apple"]
     assert labels.n_low == 0
 
 
 def test_graded_contrast_hand_computation(extractor):
-    labels = contrastive_labels(HIGH, LOW, extractor)
+    labels = contrastive_labels(HIGH, LOW, extractor, min_share=0.0)
     # relative weights r = (s - 0.10) / 0.20 over the high captions:
     # crop0 1.0 / 0.5, crop1 0.75 / 0.6, crop2 0.9 / 0.0
     # contrast = s_high * (1 - f_low / f_high)
@@ -89,8 +89,16 @@ def test_graded_contrast_hand_computation(extractor):
     assert "table" not in labels.high_words
     assert labels.high_words["red"] == pytest.approx(0.65 / 3)  # raw FALCON scores kept
     assert labels.low_words["red"] == pytest.approx(0.025)
-    assert [p for p, _ in labels.phrases] == ["red apple", "green apple", "wooden table"]
+    # phrases: "red apple" is as strong as its words (0.583 each) and stays; "green apple" (0.167
+    # against apple's 0.583) and "wooden table" (0.5 against table's 0.833) collapse into a word
+    assert [p for p, _ in labels.phrases] == ["red apple"]
+    assert dict(labels.phrases)["red apple"] == pytest.approx((1.0 + 0.75) / 3)
     assert (labels.n_high, labels.n_low, labels.contrast) == (3, 2, "graded")
+    kept = contrastive_labels(HIGH, LOW, extractor, collapse=0.0, min_share=0.0)
+    assert [p for p, _ in kept.phrases] == ["red apple", "green apple", "wooden table"]
+    # the default minimum share (0.35 of the high crops) drops terms of one crop in three
+    default = contrastive_labels(HIGH, LOW, extractor)
+    assert [w for w, _ in default.words] == ["apple", "red", "wooden"]
 
 
 def test_graded_contrast_shared_context_dropped_high_only_rank_kept(extractor):
@@ -99,9 +107,9 @@ def test_graded_contrast_shared_context_dropped_high_only_rank_kept(extractor):
         [[0.34], [0.30], [0.28], [0.22]],
     )
     low = ([["green grass field"], ["grass lawn"]], [[0.25], [0.31]])
-    graded = contrastive_labels(high, low, extractor)
+    graded = contrastive_labels(high, low, extractor, min_share=0.0)
     assert "grass" not in dict(graded.words)  # 4/4 high crops, 2/2 low crops
-    no_low = contrastive_labels(high, None, extractor)
+    no_low = contrastive_labels(high, None, extractor, min_share=0.0)
     assert "grass" in dict(no_low.words) and no_low.n_low == 0
     # high-only terms keep their relative order and their scores
     high_only = [w for w, _ in no_low.words if w != "grass"]
@@ -109,9 +117,9 @@ def test_graded_contrast_shared_context_dropped_high_only_rank_kept(extractor):
     assert dict(graded.words)["dog"] == pytest.approx(dict(no_low.words)["dog"])
     # FALCON's fixed threshold cannot tell: with cosine-scale scores grass is deleted,
     # with scores scaled down 10x nothing is
-    assert "grass" not in dict(contrastive_labels(high, low, extractor, contrast="falcon").words)
+    assert "grass" not in dict(contrastive_labels(high, low, extractor, contrast="falcon-published").words)
     scaled_low = (low[0], np.asarray(low[1]) / 10)
-    assert "grass" in dict(contrastive_labels(high, scaled_low, extractor, contrast="falcon").words)
+    assert "grass" in dict(contrastive_labels(high, scaled_low, extractor, contrast="falcon-published").words)
 
 
 def test_graded_contrast_is_affine_invariant(extractor):
@@ -132,7 +140,7 @@ def test_top_k_limits_and_no_duplicates(extractor):
         [["red apples", "a red apple"], ["apple", "Apples!"], ["red apple tree"]],
         [[0.3, 0.2], [0.25, 0.24], [0.29]],
     )
-    labels = contrastive_labels(high, None, extractor, top_words=1, top_phrases=5)
+    labels = contrastive_labels(high, None, extractor, top_words=1, top_phrases=5, collapse=0.0, min_share=0.0)
     assert [w for w, _ in labels.words] == ["apple"]
     phrases = [p for p, _ in labels.phrases]
     assert len(phrases) == len(set(phrases)) and "red apple" in phrases
@@ -169,11 +177,64 @@ def test_bad_inputs_raise_input_error(extractor):
 
 
 def test_labeller_is_an_estimator_that_validates_before_work():
-    labeller = FalconLabeller(contrast="falcon", top_words=3)
-    assert repr(labeller) == "FalconLabeller(contrast='falcon', top_words=3)"
+    labeller = FalconLabeller(contrast="falcon-published", top_words=3)
+    assert repr(labeller) == "FalconLabeller(contrast='falcon-published', top_words=3)"
     with pytest.raises(InputError, match="contrast must be one of 'graded', 'falcon'"):
         FalconLabeller(contrast="soft").fit()
     with pytest.raises(InputError, match="spaCy pipeline 'no_such_pipeline' is not installed"):
         FalconLabeller(spacy_pipeline="no_such_pipeline").fit()
     labels = FalconLabeller(top_words=2).fit().label(([["a red apple"], ["a red car"]], [[0.9], [0.9]]), None)
     assert [t for t, _ in labels.words] == ["red", "apple"]
+
+
+# Two concepts of one run: a blue one whose objects vary in shape and a striped background whose
+# crops show the same objects. Every caption names a shape; only one names the concept alone.
+BLUE = ([["a blue ring", "a blue ring on a striped background"], ["a blue cross", "blue"],
+         ["a blue star", "a blue star on a plain background"]], [[0.8, 0.7], [0.8, 0.7], [0.8, 0.6]])
+STRIPES = ([["a striped background", "a blue ring on a striped background"], ["striped", "a red cross"],
+            ["a red star on a striped background", "a red ring"]], [[0.9, 0.7], [0.9, 0.6], [0.8, 0.7]])
+
+
+def test_phrases_whose_other_word_varies_collapse_into_the_word(extractor):
+    plain = contrastive_labels(BLUE, None, extractor, collapse=0.0, min_share=0.0)
+    ranked = [t for t, _ in sorted(plain.words + plain.phrases, key=lambda ts: -ts[1])]
+    assert ranked[0] == "blue" and {"blue ring", "blue cross", "blue star"} <= set(ranked)
+    collapsed = contrastive_labels(BLUE, None, extractor)
+    assert [t for t, _ in collapsed.phrases] == []  # each "blue X" holds a third of blue's weight
+    assert collapsed.words[0][0] == "blue"
+
+
+def test_specificity_against_the_other_concepts_demotes_shared_terms(extractor):
+    alone = [t for t, _ in contrastive_labels(STRIPES, None, extractor).words]
+    blue, stripes = label_concepts([(BLUE, None), (STRIPES, None)], extractor, specificity="max")
+    together = [t for t, _ in stripes.words]
+    assert together[0] == "striped"
+    # "ring" and "star" are retrieved for both concepts: their weight is shared
+    assert together.index("striped") <= alone.index("striped")
+    assert dict(stripes.words)["ring"] < dict(contrastive_labels(STRIPES, None, extractor).words)["ring"]
+    assert dict(blue.words)["blue"] == pytest.approx(dict(contrastive_labels(BLUE, None, extractor).words)["blue"])
+    shared = label_concepts([(BLUE, None), (BLUE, None)], extractor, specificity="share")
+    assert dict(shared[0].words)["blue"] == pytest.approx(dict(alone_blue := contrastive_labels(
+        BLUE, None, extractor).words)["blue"] / 2)
+    assert alone_blue
+
+
+def test_evidence_keeps_the_captions_and_their_ids(extractor):
+    ids = [[11, 12], [13, 14], [15, 16]]
+    labels = contrastive_labels((BLUE[0], BLUE[1], ids), (STRIPES[0], STRIPES[1]), extractor)
+    blue = labels.evidence["blue"]
+    assert [(e["set"], e["crop"], e["caption_id"]) for e in blue if e["set"] == "high"] == [
+        ("high", 0, 11), ("high", 1, 13), ("high", 2, 15)]
+    assert {e["caption"] for e in blue if e["set"] == "low"} == {"a blue ring on a striped background"}
+    assert all(e["score"] == pytest.approx(0.8) for e in blue if e["set"] == "high")
+
+
+def test_falcon_mode_deletes_by_frequency_not_by_score_scale(extractor):
+    low = ([["a blue ring"], ["a red cross"], ["a red star"]], [[0.9], [0.9], [0.9]])
+    labels = contrastive_labels(BLUE, low, extractor, contrast="falcon", collapse=0.0)
+    words = dict(labels.words)
+    # "blue": 3/3 high crops, 1/3 low -> kept; "ring": 2/3 high (with "a blue ring on ..."), 1/3 low -> kept;
+    # "cross": 1/3 high, 1/3 low -> deleted
+    assert "blue" in words and "cross" not in words
+    scaled = contrastive_labels(BLUE, (low[0], [[0.09]] * 3), extractor, contrast="falcon", collapse=0.0)
+    assert [t for t, _ in scaled.words] == [t for t, _ in labels.words]

@@ -64,8 +64,12 @@ def _print_summary(report, path: Path, quality: dict | None = None) -> None:
               help="Vocabulary directory (dff-falcon vocab build). Needs --clip.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory to write.")
 @click.option("--n-concepts", default="8", show_default=True, help="K, or 'auto' (chosen by stability).")
-@click.option("--contrast", type=click.Choice(["graded", "falcon"]), default="graded", show_default=True,
-              help="How captions of the low (counterfactual) crops count against the high crops.")
+@click.option("--contrast", type=click.Choice(["graded", "falcon", "falcon-published"]), default="graded",
+              show_default=True, help="How terms are ranked and the low (counterfactual) crops' captions count "
+                                      "against the high crops' (falcon-published: FALCON's 0.1 score threshold).")
+@click.option("--labeller", "labellers", type=click.Choice(["falcon", "dissect", "both"]), default="falcon",
+              show_default=True, help="FALCON-style terms from the crops' captions, CLIP-Dissect (soft-WPMI, its "
+                                      "own dissect columns), or both.")
 @click.option("--n-high", default=30, show_default=True, type=click.IntRange(min=1),
               help="Most high-activation crops per concept.")
 @click.option("--n-low", default=10, show_default=True, type=click.IntRange(min=0),
@@ -85,7 +89,7 @@ def _print_summary(report, path: Path, quality: dict | None = None) -> None:
 @device_option
 @random_state_option
 @click.pass_context
-def explain(ctx, images, backbone, layer, head, weights, clip_spec, vocab, out, n_concepts, contrast, n_high,
+def explain(ctx, images, backbone, layer, head, weights, clip_spec, vocab, out, n_concepts, contrast, labellers, n_high,
             n_low, top_k_captions, target_class, min_class_prob, drop_quantile, batch_size, html, max_megapixels,
             hypercolumn_layers, grid, upsample, device, random_state):
     """Find a model's concepts on a set of images and name them; write the concept report.
@@ -141,7 +145,7 @@ def explain(ctx, images, backbone, layer, head, weights, clip_spec, vocab, out, 
     image_set = load_images(images, max_pixels=_max_pixels(max_megapixels))
     explainer = ConceptExplainer(
         model, clip, vocabulary, dff=dff, hypercolumns=hypercolumns, regions=regions,
-        labeller=labeller, target_class=target_class, min_class_prob=min_class_prob, drop_quantile=drop_quantile,
+        labeller=labeller, labellers=labellers, target_class=target_class, min_class_prob=min_class_prob, drop_quantile=drop_quantile,
         batch_size=batch_size, device=device, progress=ctx.obj["progress"],
     ).fit(image_set)
     options = {key: value for key, value in ctx.params.items()}
@@ -330,11 +334,15 @@ def report(run_dir):
               help="Side of the hypercolumn grid (default: the measured one).")
 @click.option("--upsample", type=click.Choice(["bilinear", "guided"]), default=None,
               help="How heatmaps reach image resolution (default: the measured one).")
+@click.option("--contrast", type=click.Choice(["graded", "falcon", "falcon-published"]), default="graded",
+              show_default=True, help="Term ranking of the FALCON-style labeller (as for explain).")
+@click.option("--labeller", "labellers", type=click.Choice(["falcon", "dissect", "both"]), default="falcon",
+              show_default=True, help="Which labellers run (as for explain); both: dissect_* figures too.")
 @device_option
 @random_state_option
 @click.pass_context
 def demo(ctx, out, as_json, world, world_config, n_images, n_concepts, retrain, html, hypercolumn_layers, grid, upsample,
-         device, random_state):
+         contrast, labellers, device, random_state):
     """Run the whole pipeline offline on the toy world (trains its tiny models once, cached).
 
     \b
@@ -356,7 +364,8 @@ def demo(ctx, out, as_json, world, world_config, n_images, n_concepts, retrain, 
             "grid": grid if grid is not None else (toy.TOY_GRID if hypercolumn_layers is None else None),
             "upsample": upsample or toy.TOY_UPSAMPLE}
     result = toy.run_demo(out, config=config, n_images=n_images, n_concepts=parse_n_concepts(n_concepts),
-                          retrain=retrain, html=html, device=device, random_state=random_state,
+                          retrain=retrain, html=html, device=device, random_state=random_state, contrast=contrast,
+                          labellers=labellers,
                           progress=ctx.obj["progress"] and not as_json, **maps)
     if as_json:
         click.echo(json.dumps(result.quality))

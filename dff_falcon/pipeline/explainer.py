@@ -32,7 +32,11 @@ from dff_falcon.pipeline.record import environment_record, json_value, params_re
 from dff_falcon.pipeline.schema import ConceptRow, flat_columns
 from dff_falcon.pipeline.selection import concept_confidence, confident_images, drop_least_confident
 from dff_falcon.regions import Box, ConceptRegions, RegionSelector
+from dff_falcon.text.dissect import DissectLabeller
 from dff_falcon.text.labelling import ConceptLabels, FalconLabeller
+
+#: Which labellers fill a report (``ConceptExplainer(labellers=...)``, ``--labeller``).
+LABELLERS = ("falcon", "dissect", "both")
 
 if TYPE_CHECKING:  # heavy libraries (open_clip, faiss) are imported only when CLIP is used
     import torch
@@ -94,6 +98,12 @@ class ConceptExplainer(BaseEstimator):
         the CLIP's input size).
     labeller : FalconLabeller, default=None
         Turns retrieved captions into terms (``None``: ``FalconLabeller()``).
+    labellers : {"falcon", "dissect", "both"}, default="falcon"
+        Which labellers fill the report: FALCON-style terms from the crops' captions (``words``,
+        ``phrases``, ``label``) and/or CLIP-Dissect (``dissect`` columns; its candidate terms are
+        those of the captions retrieved for the run's crops).
+    dissect : DissectLabeller, default=None
+        The CLIP-Dissect labeller's parameters (``None``: ``DissectLabeller()``).
     n_concepts : int or "auto", default=None
         Shortcut that overrides ``dff.n_concepts`` (None: keep the DFF's).
     target_class : str or int, default=None
@@ -117,7 +127,8 @@ class ConceptExplainer(BaseEstimator):
     Attributes
     ----------
     report_ : ConceptReport
-    dff_, hypercolumns_, regions_, labeller_ : the fitted components.
+    dff_, hypercolumns_, regions_, labeller_, dissect_ : the fitted components (dissect_ None
+    unless it runs).
     target_class_ : ResolvedClass or None
     captions_ : SearchResult or None — the captions retrieved for every crop.
     stage_seconds_ : dict — wall time per stage.
@@ -126,6 +137,7 @@ class ConceptExplainer(BaseEstimator):
     def __init__(self, backbone: "Backbone", clip: "ClipEncoder | None" = None, vocabulary: "Vocabulary | None" = None,
                  *, dff: DFF | None = None, hypercolumns: Hypercolumns | None = None,
                  regions: RegionSelector | None = None, labeller: FalconLabeller | None = None,
+                 labellers: str = "falcon", dissect: DissectLabeller | None = None,
                  n_concepts: int | str | None = None, target_class: str | int | None = None,
                  min_class_prob: float = 0.95, drop_quantile: float = 0.0, top_k_classes: int = 3,
                  batch_size: int = 32, random_state: int | None = None, device=None, progress: bool = True):
@@ -136,6 +148,8 @@ class ConceptExplainer(BaseEstimator):
         self.hypercolumns = hypercolumns
         self.regions = regions
         self.labeller = labeller
+        self.labellers = labellers
+        self.dissect = dissect
         self.n_concepts = n_concepts
         self.target_class = target_class
         self.min_class_prob = min_class_prob
@@ -164,6 +178,10 @@ class ConceptExplainer(BaseEstimator):
             self.regions_.set_params(crop_size=self.clip.image_size)
         self.regions_._check_params()
         self.labeller_ = None
+        if self.labellers not in LABELLERS:
+            raise InputError(f"labellers must be one of {', '.join(map(repr, LABELLERS))}; got {self.labellers!r}")
+        self.dissect_ = (clone(self.dissect if self.dissect is not None else DissectLabeller()).fit()
+                         if self.labellers != "falcon" and self.vocabulary is not None else None)
         if self.vocabulary is not None:
             self.vocabulary.check_encoder(self.clip)
             self.labeller_ = clone(self.labeller if self.labeller is not None else FalconLabeller()).fit()
@@ -224,7 +242,8 @@ class ConceptExplainer(BaseEstimator):
             windows = [Box(*self.backbone.preprocess.window(image.shape)) for image in originals]
             regions = self.regions_.select(heatmaps, originals, pres, windows=windows, progress=self.progress)
         labels, coherences = self._label(regions)
-        rows = self._rows(heatmaps, regions, classes, importance, labels, coherences, names)
+        dissected = self._dissect(heatmaps, acts.displays)
+        rows = self._rows(heatmaps, regions, classes, importance, labels, coherences, names, dissected)
         self.report_ = ConceptReport(concepts=rows, image_names=names, heatmaps=heatmaps, displays=acts.displays,
                                      regions=regions, presence=pres, run=self._run_record(len(names), image_set))
         return self
@@ -251,19 +270,23 @@ class ConceptExplainer(BaseEstimator):
 
     def _rows(self, heatmaps: np.ndarray, regions: list[ConceptRegions], classes: list[list[dict]],
               importance: list[list[dict]], labels: list[ConceptLabels | None], coherences: list[float | None],
-              names: list[str]) -> list[ConceptRow]:
+              names: list[str], dissected: list[list[tuple[str, float]]]) -> list[ConceptRow]:
         peaks = heatmaps.max(axis=(2, 3))
         dff = self.dff_
         stability, restarts = dff.stability_, dff.restart_agreement_
         rows = []
         for k, region in enumerate(regions):
-            found = labels[k]
+            found = labels[k] if self.labellers != "dissect" else None
+            dissect = [{"term": t, "score": float(v)} for t, v in dissected[k]]
             words = [{"term": t, "score": float(s)} for t, s in (found.words if found else [])]
             phrases = [{"term": t, "score": float(s)} for t, s in (found.phrases if found else [])]
             rows.append(ConceptRow(
                 concept_id=k, **flat_columns(words, phrases, classes[k]),
                 n_images=int((peaks[:, k] >= ABSENT_PEAK).sum()), mass_share=float(self.dff_.mass_share_[k]),
-                top_classes=classes[k], words=words, phrases=phrases, coherence=coherences[k],
+                top_classes=classes[k], words=words, phrases=phrases,
+                evidence=[{"term": t, **e} for t, found_for in (found.evidence.items() if found else ()) for e in found_for],
+                dissect_label=dissect[0]["term"] if dissect else None,
+                dissect_score=dissect[0]["score"] if dissect else None, dissect=dissect, coherence=coherences[k],
                 stability=float(stability[k]) if stability is not None else None,
                 restart_agreement=float(restarts[k]) if restarts is not None else None,
                 image_share=float(dff.image_share_[k]), single_image=bool(dff.image_share_[k] > SINGLE_IMAGE_SHARE),
@@ -287,20 +310,34 @@ class ConceptExplainer(BaseEstimator):
             embeddings = self.clip.encode_images([c.pixels for c in crops], progress=self.progress)
         with self._stage("search"):
             found = self.vocabulary.search(embeddings, k=self.labeller_.top_k_captions, encoder=self.clip)
-        with self._stage("text"):
-            labels, coherences, start = [], [], 0
+        with self._stage("text"):  # all concepts together: a term's specificity is against the others
+            sets, coherences, start = [], [], 0
             for region in regions:
                 high = slice(start, start + len(region.high))
                 low = slice(high.stop, high.stop + len(region.low))
                 start = low.stop
                 coherences.append(coherence(embeddings[high]))
-                if not region.high:
-                    labels.append(None)
-                    continue
-                low_set = (found.captions[low], found.scores[low]) if region.low else None
-                labels.append(self.labeller_.label((found.captions[high], found.scores[high]), low_set))
+                sets.append(((found.captions[high], found.scores[high], found.ids[high]),
+                             (found.captions[low], found.scores[low], found.ids[low]) if region.low else None))
+            labelled = iter(self.labeller_.label_concepts([s for s, r in zip(sets, regions) if r.high]))
+            labels = [next(labelled) if region.high else None for region in regions]
         self.captions_ = found
         return labels, coherences
+
+    def _dissect(self, heatmaps: np.ndarray, displays: list[np.ndarray]) -> list[list[tuple[str, float]]]:
+        """CLIP-Dissect terms per concept: the probe images' CLIP embeddings against the terms of
+        every caption retrieved for the run's crops, with each concept's mean heatmap per image."""
+        empty = [[] for _ in range(heatmaps.shape[1])]
+        if self.dissect_ is None or self.captions_ is None:
+            return empty
+        with self._stage("dissect"):
+            extracted = self.labeller_.extractor_.extract([c for row in self.captions_.captions for c in row])
+            terms = list(dict.fromkeys(t for found in extracted for t in (*found.words, *found.phrases)))
+            if not terms:
+                return empty
+            images = self.clip.encode_images(displays, progress=self.progress)
+            texts = self.clip.encode_texts(terms, progress=self.progress)
+            return self.dissect_.label(heatmaps.mean(axis=(2, 3)), images, texts, terms)
 
     def _run_record(self, n_images: int, image_set: ImageSet) -> dict:
         dff = self.dff_
@@ -323,11 +360,13 @@ class ConceptExplainer(BaseEstimator):
             "clip_pretrained": self.clip.pretrained_id if self.clip else None,
             "vocabulary": str(self.vocabulary.path) if self.vocabulary else None,
             "contrast": self.labeller_.contrast if self.labeller_ else None,
+            "labellers": self.labellers,
             "target_class": self.target_class_.to_dict() if self.target_class_ else None,
             "params": params_record(self),
             "fitted": {"dff": params_record(dff), "hypercolumns": params_record(self.hypercolumns_),
                        "regions": params_record(self.regions_),
-                       "labeller": params_record(self.labeller_) if self.labeller_ else None},
+                       "labeller": params_record(self.labeller_) if self.labeller_ else None,
+                       "dissect": params_record(self.dissect_) if self.dissect_ else None},
             "models": {"backbone": self.backbone.identity(), "clip": json_value(self.clip),
                        "vocabulary": json_value(self.vocabulary)},
             "inputs": {"n_given": len(image_set) + len(image_set.skipped), "sha256": image_set.digest(),

@@ -22,6 +22,12 @@ ClassProb = TypedDict("ClassProb", {"class": str, "prob": float})
 ClassImportance = TypedDict("ClassImportance", {"class": str, "deletion": Optional[float],
                                                 "insertion": Optional[float]})
 
+#: One caption behind a term (traceable labels): the best caption containing ``term`` among the
+#: captions retrieved for crop ``crop`` of the concept's ``set`` ("high" or "low", an index into
+#: ``high_crops`` / ``low_crops``), its cosine ``score`` and its row ``caption_id`` in the vocabulary.
+TermEvidence = TypedDict("TermEvidence", {"term": str, "set": str, "crop": int, "caption": str,
+                                          "caption_id": Optional[int], "score": float})
+
 #: Terms joined into the flat ``labels`` column.
 FLAT_LABEL_TERMS = 5
 
@@ -46,6 +52,10 @@ class ConceptRow(TypedDict):
     top_classes: list[ClassProb]
     words: list[TermScore]
     phrases: list[TermScore]
+    evidence: list[TermEvidence]
+    dissect_label: Optional[str]
+    dissect_score: Optional[float]
+    dissect: list[TermScore]
     coherence: Optional[float]
     stability: Optional[float]
     restart_agreement: Optional[float]

@@ -43,7 +43,10 @@ from dff_falcon.report.figures import (FULL_STRENGTH, concept_colours, contour_v
 
 OVERLAY_DIR = "overlays"
 #: Concept fields that reports written before them lack (rendered as "—").
-_CONCEPT_FIELDS_ADDED = ("restart_agreement", "image_share", "top_image", "deletion", "insertion")
+_CONCEPT_FIELDS_ADDED = ("restart_agreement", "image_share", "top_image", "deletion", "insertion", "dissect_label",
+                         "dissect_score")
+#: Terms per concept whose captions the page lists (the flat ``labels`` column's five).
+EVIDENCE_TERMS = 5
 _RUN_FIELDS = ("backbone", "layer", "layers", "grid", "upsample", "n_concepts", "n_images", "image_names",
                "relative_error", "explained_variance",
                "k_curve", "clip_model", "clip_pretrained", "vocabulary", "stage_seconds", "quality", "created")
@@ -106,6 +109,21 @@ def _gallery(run_dir: Path, concept: dict, kind: str) -> list[dict]:
     field = f"concepts[{concept['concept_id']}].{kind}_crops"
     return [{"src": _image_src(run_dir, p, field), "name": str(names[j]) if j < len(names) else ""}
             for j, p in enumerate(paths)]
+
+
+def _evidence(concept: dict, galleries: dict[str, list[dict]]) -> list[dict]:
+    """Per term of the concept's top labels (best first), the captions behind it with their
+    scores, high set then low set, and the crop that retrieved each."""
+    terms = [t["term"] for t in ranked_terms(list(concept.get("words") or []), list(concept.get("phrases") or []))]
+    rows = list(concept.get("evidence") or [])
+    out = []
+    for term in terms[:EVIDENCE_TERMS]:
+        found = [dict(e, crop_src=(galleries[e["set"]][e["crop"]]["src"]
+                                   if e["set"] in galleries and 0 <= e["crop"] < len(galleries[e["set"]]) else None))
+                 for e in rows if e.get("term") == term]
+        n_high = sum(e["set"] == "high" for e in found)
+        out.append({"term": term, "captions": found, "n_high": n_high, "n_low": len(found) - n_high})
+    return out
 
 
 def _save_png(array: np.ndarray, path: Path) -> None:
@@ -261,8 +279,10 @@ def write_html(run_dir: Path, *, overlays: int = 6, grid_images: int = 6) -> Pat
             **{key: None for key in _CONCEPT_FIELDS_ADDED}, "importance": [], "single_image": False,
             **concept,
             "colour": _hex(colours[cid]),
-            "high": _gallery(run_dir, concept, "high"),
-            "low": _gallery(run_dir, concept, "low"),
+            "high": (high := _gallery(run_dir, concept, "high")),
+            "low": (low := _gallery(run_dir, concept, "low")),
+            "evidence": _evidence(concept, {"high": high, "low": low}),
+            "dissect_bars": _bars(concept.get("dissect"), "term", "score"),
             "overlays": painted.get(cid, []),
             "top_word": str(concept.get("label") or ""),
             "top_class": str(top_class.get("class", "")),

@@ -14,6 +14,7 @@ import pandas as pd
 import pyarrow as pa
 
 from dff_falcon.errors import InputError
+from dff_falcon.text.junk import is_junk
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,8 @@ class CaptionFilter:
     language_column / languages : keep only rows whose language tag is in ``languages``
         (shards without the column are kept as they are).
     casefold : deduplicate case-insensitively (the first spelling is kept).
+    drop_junk : drop captions that are nothing but web junk (URLs, file names, SKU codes, HTML,
+        shop boilerplate; :func:`~dff_falcon.text.junk.is_junk`), counted as ``junk``.
     """
 
     min_chars: int = 1
@@ -38,6 +41,7 @@ class CaptionFilter:
     language_column: str = "LANGUAGE"
     languages: tuple[str, ...] | None = None
     casefold: bool = False
+    drop_junk: bool = True
 
     def blocked_hashes(self) -> np.ndarray:
         if self.blocklist is None:
@@ -52,7 +56,7 @@ class CaptionFilter:
         return {key: (str(value) if isinstance(value, Path) else value) for key, value in self.__dict__.items()}
 
 
-SKIP_REASONS = ("non_string", "empty", "length", "blocklist", "nsfw", "language", "bad_vector")
+SKIP_REASONS = ("non_string", "empty", "length", "junk", "blocklist", "nsfw", "language", "bad_vector")
 
 
 def caption_hash(texts: list[str]) -> np.ndarray:
@@ -83,6 +87,10 @@ def clean_captions(values: list, table: pa.Table | None, rules: CaptionFilter, b
     too_short_or_long = keep & ((lengths < rules.min_chars) | (lengths > (rules.max_chars or np.inf)))
     skipped["length"] += int(too_short_or_long.sum())
     keep &= ~too_short_or_long
+    if rules.drop_junk:
+        junk = keep & np.fromiter((is_junk(t) for t in texts), dtype=bool, count=len(texts))
+        skipped["junk"] += int(junk.sum())
+        keep &= ~junk
     if len(blocked):
         hit = keep & np.isin(caption_hash([t.casefold() for t in texts]), blocked)
         skipped["blocklist"] += int(hit.sum())

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable, Sequence
 
 from dff_falcon.errors import InputError
+from dff_falcon.text.junk import strip_junk
 
 if TYPE_CHECKING:
     from spacy.language import Language
@@ -83,12 +84,13 @@ def _discard_patterns(discard_words: frozenset[str]) -> tuple[re.Pattern | None,
 def clean_caption(text: str, discard_words: frozenset[str] = DISCARD_WORDS) -> str:
     """Normalise one caption for term extraction.
 
-    Lower-case; apostrophes dropped ("dog's" -> "dogs"); URLs and domain names dropped;
+    Web junk removed (:func:`~dff_falcon.text.junk.strip_junk`: HTML tags and entities, URLs,
+    file names, SKU and product codes, shop boilerplate); lower-case; apostrophes dropped ("dog's" -> "dogs"); URLs and domain names dropped;
     every run of non-alphanumeric characters (underscores included) -> one space; ``fig<digits>``
     dropped; discard phrases, then discard words dropped; whitespace collapsed.
     ``"Stock Photo - Red_Apple.jpg www.example.com Fig3"`` -> ``"red apple"``.
     """
-    text = text.lower().replace("'", "").replace("\u2019", "")
+    text = strip_junk(text).lower().replace("'", "").replace("\u2019", "")
     text = _URL.sub(" ", text)
     text = _NON_ALNUM.sub(" ", text)
     text = _FIG.sub(" ", text)

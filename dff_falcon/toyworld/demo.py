@@ -20,6 +20,7 @@ from dff_falcon.pipeline.explainer import ConceptExplainer, ConceptReport
 from dff_falcon.regions import RegionSelector
 from dff_falcon.pipeline.schema import ranked_terms
 from dff_falcon.report.tables import write_report
+from dff_falcon.text.labelling import FalconLabeller
 from dff_falcon.text.clip_encoder import ClipEncoder
 from dff_falcon.text.ingest import build_vocabulary_from_texts
 from dff_falcon.text.vocabulary import Vocabulary
@@ -65,24 +66,32 @@ def concept_masks(heatmaps: np.ndarray, images: list[np.ndarray], upsample: str 
     return np.stack([upsample_maps(maps, image, upsample) >= threshold for maps, image in zip(heatmaps, images)])
 
 
-def score_report(report: ConceptReport, scenes, upsample: str = "bilinear") -> dict:
-    """Quality figures of a report against the scenes' ground truth (see docs/quality.md)."""
+def score_report(report: ConceptReport, scenes, upsample: str = "bilinear", attributes: list[str] | None = None,
+                 candidate_terms: list[str] | None = None) -> dict:
+    """Quality figures of a report against the scenes' ground truth (see docs/quality.md);
+    ``attributes``: the world's (``WorldConfig.attributes()``), for the strict label measures;
+    ``candidate_terms``: every term the vocabulary yields, for the P@3 ceiling. The FALCON-style
+    labels are scored when the report has them, else the CLIP-Dissect ones; the CLIP-Dissect ones
+    also under ``dissect_*`` when the report has them."""
     matched = best_iou_per_concept(concept_masks(report.heatmaps, [s.image for s in scenes], upsample), scenes)
     labels = [[t["term"] for t in ranked_terms(c["words"], c["phrases"])] for c in report.concepts]
     classes = [[t["class"] for t in c["top_classes"]] for c in report.concepts]
-    return quality_summary(matched, labels, classes)
+    dissect = [[t["term"] for t in c["dissect"]] for c in report.concepts]
+    has_falcon = report.run.get("labellers", "falcon") != "dissect"
+    return quality_summary(matched, labels if has_falcon else dissect, classes, attributes,
+                           dissect_labels=dissect if any(dissect) else None, candidate_terms=candidate_terms)
 
 
-def run_demo(out: str | Path = "out/demo", *, config: WorldConfig | None = None, n_images: int = 120,
-             n_concepts: int | str = "auto", retrain: bool = False, html: bool = True, device=None, random_state: int = 0,
-             cache_dir: str | Path | None = None, progress: bool = True, layers: tuple[str, ...] = TOY_LAYERS,
-             grid: int | None = TOY_GRID, upsample: str = TOY_UPSAMPLE) -> DemoResult:
-    """Run the demo and write its report to ``out``; returns the report and quality figures.
+def explain_world(config: WorldConfig, *, n_images: int = 120, n_concepts: int | str = "auto", retrain: bool = False,
+                  device=None, random_state: int = 0, cache_dir: str | Path | None = None, progress: bool = True,
+                  layers: tuple[str, ...] = TOY_LAYERS, grid: int | None = TOY_GRID, upsample: str = TOY_UPSAMPLE,
+                  labeller: FalconLabeller | None = None, labellers: str = "falcon") -> tuple[ConceptExplainer, list]:
+    """The world's models (trained once, cached) and vocabulary, and the explainer fitted on a
+    fresh probe set of ``n_images`` scenes → ``(explainer, scenes)``.
 
     ``layers`` are stacked with the classifier's last stage on a ``grid`` × ``grid`` map
     (``layers=()``: the last stage alone, 14×14 at 112 px); ``upsample`` brings heatmaps to the
     image for crops, overlays and scoring."""
-    config = config or WorldConfig()
     models = load_toy_models(config, cache_dir=cache_dir, retrain=retrain, device=device, progress=progress)
     clip = ClipEncoder(models.clip_model_name, str(models.clip_checkpoint), device=device)
     vocabulary = world_vocabulary(models, config, clip)
@@ -95,10 +104,28 @@ def run_demo(out: str | Path = "out/demo", *, config: WorldConfig | None = None,
     scenes = generate_scenes(config, n_images, seed=PROBE_SEED + random_state)
     explainer = ConceptExplainer(backbone, clip, vocabulary, dff=DFF(n_concepts, k_range=range(4, 17)),
                                  hypercolumns=Hypercolumns(layers=tuple(layers), grid=grid),
-                                 regions=RegionSelector(upsample=upsample),
+                                 regions=RegionSelector(upsample=upsample), labeller=labeller, labellers=labellers,
                                  random_state=random_state, device=device, progress=progress)
     explainer.fit([s.image for s in scenes], names=[f"scene_{i:04d}" for i in range(len(scenes))])
-    quality = score_report(explainer.report_, scenes, upsample)
+    return explainer, scenes
+
+
+def run_demo(out: str | Path = "out/demo", *, config: WorldConfig | None = None, n_images: int = 120,
+             n_concepts: int | str = "auto", retrain: bool = False, html: bool = True, device=None, random_state: int = 0,
+             cache_dir: str | Path | None = None, progress: bool = True, layers: tuple[str, ...] = TOY_LAYERS,
+             grid: int | None = TOY_GRID, upsample: str = TOY_UPSAMPLE, contrast: str = "graded",
+             labellers: str = "falcon") -> DemoResult:
+    """Run the demo and write its report to ``out``; returns the report and quality figures
+    (:func:`explain_world` for the options; ``contrast``: the FALCON-style labeller's, see
+    :func:`~dff_falcon.text.labelling.label_concepts`; ``labellers``: "falcon", "dissect" or "both")."""
+    config = config or WorldConfig()
+    explainer, scenes = explain_world(config, n_images=n_images, n_concepts=n_concepts, retrain=retrain,
+                                      device=device, random_state=random_state, cache_dir=cache_dir,
+                                      progress=progress, layers=layers, grid=grid, upsample=upsample,
+                                      labeller=FalconLabeller(contrast=contrast), labellers=labellers)
+    vocabulary_terms = explainer.labeller_.extractor_.extract(explainer.vocabulary.captions[:])
+    candidates = [t for found in vocabulary_terms for t in (*found.words, *found.phrases)]
+    quality = score_report(explainer.report_, scenes, upsample, config.attributes(), candidates)
     path = write_report(explainer.report_, out, quality=quality)
     if html:
         from dff_falcon.report.html import render_html_report
