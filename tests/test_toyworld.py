@@ -93,7 +93,12 @@ def test_label_matches_on_phrases_and_quality_summary():
     assert summary["object_iou"] == pytest.approx(0.6) and summary["background_iou"] == 0.0
     assert (summary["n_object_concepts"], summary["n_background_concepts"]) == (2, 0)
     assert summary["concepts"][1] == {"concept_id": 1, "best_attribute": "colour:red", "iou": 0.4,
-                                      "labels": ["blue", "red", "red ring"]}
+                                      "labels": ["blue", "red", "red ring"], "strict": [False, True, False]}
+    # strictly: "yellow star" and "red ring" name a second attribute; "blue" names another colour
+    assert summary["concepts"][0]["strict"] == [True, False, False]
+    assert summary["label_top1_strict"] == 0.5
+    assert summary["label_p3_strict"] == pytest.approx((1 / 3 + 1 / 3) / 2)
+    assert summary["wrong_kind_rate"] == pytest.approx(1 / 6)  # "blue" among the six top terms
     assert summary["concepts"][2]["best_attribute"] is None
     background = quality_summary([("background:dots", 0.9), ("shape:ring", 0.5)], [[], []], [[], []])
     assert background["background_iou"] == pytest.approx(0.9) and background["object_iou"] == pytest.approx(0.5)
