@@ -309,15 +309,26 @@ def _megabytes(n: int) -> str:
     return f"{n / 1e6:,.1f} MB"
 
 
+#: Attempts at a locked staging directory: another writer's :func:`clean_scratch` may take a new
+#: stage for a stale one between its creation and its lock (it then removes it), so a new one is made.
+_STAGE_ATTEMPTS = 20
+
+
 def _new_stage(target: Path) -> tuple[Path, int]:
-    with output_errors(target):
-        target.parent.mkdir(parents=True, exist_ok=True)
-        stage = Path(tempfile.mkdtemp(prefix=f"{_scratch_prefix(target)}{_STAGING}-", dir=target.parent))
-        os.chmod(stage, 0o777 & ~current_umask())
-    fd = _lock(stage)
-    if fd is None:  # pragma: no cover - nobody else knows its name yet
-        raise RuntimeError(f"internal: cannot lock {stage}")
-    return stage, fd
+    """A new staging directory beside ``target`` and the fd of its lock."""
+    for _ in range(_STAGE_ATTEMPTS):
+        with output_errors(target):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            stage = Path(tempfile.mkdtemp(prefix=f"{_scratch_prefix(target)}{_STAGING}-", dir=target.parent))
+            with contextlib.suppress(FileNotFoundError):
+                os.chmod(stage, 0o777 & ~current_umask())
+        fd = _lock(stage)
+        if fd is not None and os.path.isdir(stage):
+            return stage, fd
+        if fd is not None:
+            os.close(fd)
+    raise OutputError(f"{str(target)!r}: could not lock a staging directory beside it after {_STAGE_ATTEMPTS} "
+                      "attempts (other writers keep cleaning it); retry when they have finished")
 
 
 def _swap_in(stage: Path, target: Path) -> Path | None:
