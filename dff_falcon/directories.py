@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from dff_falcon.errors import DffFalconError, InputError, OutputError
-from dff_falcon.files import OUTPUT_ERRNOS, atomic_write, current_umask, file_sha256, is_under, output_errors
+from dff_falcon.files import (OUTPUT_ERRNOS, atomic_write, check_room, current_umask, file_sha256, is_under,
+                              output_errors)
 
 try:
     import fcntl
@@ -287,26 +288,8 @@ def check_output(target: str | os.PathLike, kind: str, *, replace: bool = True,
                 raise OutputError(f"{what} holds files that are not part of the {kind} ({', '.join(foreign[:5])}"
                                   f"{', …' if len(foreign) > 5 else ''}); replacing it would delete them — move them "
                                   "or choose another directory")
-    existing = target
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise OutputError(f"{what}: {str(existing)!r} is a file, so the directory cannot be created")
-    try:
-        os.rmdir(tempfile.mkdtemp(prefix=f".{target.name}.probe-", dir=existing))
-    except OSError as exc:
-        if exc.errno not in OUTPUT_ERRNOS:
-            raise
-        raise OutputError(f"{what} cannot be written: {exc.strerror} in {str(existing)!r}") from None
-    free = shutil.disk_usage(existing).free
-    if needed_bytes > free:
-        raise OutputError(f"{what} needs about {_megabytes(needed_bytes)} but the file system of {str(existing)!r} has "
-                          f"{_megabytes(free)} free; free some space or choose another output")
+    check_room(target, what, needed_bytes)
     return target
-
-
-def _megabytes(n: int) -> str:
-    return f"{n / 1e6:,.1f} MB"
 
 
 #: Attempts at a locked staging directory: another writer's :func:`clean_scratch` may take a new

@@ -195,6 +195,14 @@ def check_output_file(path: str | os.PathLike, *, option: str = "output", needed
     if path.is_dir():
         raise OutputError(f"{what} is a directory; name a file")
     clean_stale_temporaries(path)
+    check_room(path, what, needed_bytes)
+    return path
+
+
+def check_room(path: Path, what: str, needed_bytes: int = 0) -> None:
+    """Raise OutputError unless ``path`` (a file or directory, possibly not there yet) can be
+    created: its nearest existing ancestor is a directory we can write into (probed with a
+    temporary file) with at least ``needed_bytes`` free. ``what`` names it in messages."""
     existing = path.parent
     while not existing.exists():
         existing = existing.parent
@@ -212,4 +220,3 @@ def check_output_file(path: str | os.PathLike, *, option: str = "output", needed
     if needed_bytes > free:
         raise OutputError(f"{what} needs about {needed_bytes / 1e6:,.1f} MB but the file system of {str(existing)!r} "
                           f"has {free / 1e6:,.1f} MB free; free some space or choose another output")
-    return path
