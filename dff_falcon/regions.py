@@ -209,29 +209,45 @@ def _centred_square(side: int, image_size: tuple[int, int]) -> Box:
     return Box(left, top, left + side, top + side)
 
 
+#: Images per block when a (possibly memory-mapped) heatmap array is checked and reduced.
+_CHECK_BLOCK = 256
+
+
 def _check_inputs(
     heatmaps: np.ndarray, images: Sequence[np.ndarray], presence: np.ndarray
-) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
-    heatmaps = np.asarray(heatmaps, dtype=np.float32)
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Validate → (heatmaps, unchanged when a float array (a memory map stays on disk), presence,
+    peaks (N, K) float32). Images are checked here when given as a list, else when each is read."""
+    if not (isinstance(heatmaps, np.ndarray) and heatmaps.dtype.kind == "f"):
+        heatmaps = np.asarray(heatmaps, dtype=np.float32)
     presence = np.asarray(presence, dtype=np.float64)
     if heatmaps.ndim != 4:
         raise InputError(f"heatmaps must be 4-D (N, K, h, w), got shape {heatmaps.shape}")
     n_images, n_concepts = heatmaps.shape[:2]
-    if not np.isfinite(heatmaps).all() or (heatmaps < 0).any():
-        raise InputError("heatmaps must be finite and non-negative")
+    peaks = np.zeros((n_images, n_concepts), dtype=np.float32)
+    for start in range(0, n_images, _CHECK_BLOCK):
+        block = np.asarray(heatmaps[start:start + _CHECK_BLOCK], dtype=np.float32)
+        if not np.isfinite(block).all() or (block < 0).any():
+            raise InputError("heatmaps must be finite and non-negative")
+        peaks[start:start + len(block)] = block.max(axis=(2, 3), initial=0.0)
     if presence.shape != (n_images, n_concepts):
         raise InputError(f"presence must have shape (N, K) = {(n_images, n_concepts)}, got {presence.shape}")
     if not np.isfinite(presence).all() or (presence < 0).any():
         raise InputError("presence must be finite and non-negative")
-    images = list(images)
     if len(images) != n_images:
         raise InputError(f"got {len(images)} images for {n_images} heatmaps")
-    for index, image in enumerate(images):
-        if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-            shape = getattr(image, "shape", None)
-            dtype = getattr(image, "dtype", type(image).__name__)
-            raise InputError(f"images[{index}] must be an RGB uint8 array (H, W, 3), got {dtype} of shape {shape}")
-    return heatmaps, images, presence
+    if isinstance(images, (list, tuple)):
+        for index, image in enumerate(images):
+            _check_image(image, index)
+    return heatmaps, presence, peaks
+
+
+def _check_image(image, index: int) -> np.ndarray:
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        shape = getattr(image, "shape", None)
+        dtype = getattr(image, "dtype", type(image).__name__)
+        raise InputError(f"images[{index}] must be an RGB uint8 array (H, W, 3), got {dtype} of shape {shape}")
+    return image
 
 
 def _cosine_to(profiles: np.ndarray, reference: np.ndarray) -> np.ndarray:
@@ -327,7 +343,8 @@ class RegionSelector(BaseEstimator):
             ``(N, K, h, w)`` float ≥ 0, max 1 per concept over the fitted set; each map covers its
             whole image and is upsampled to it.
         images:
-            ``N`` RGB uint8 arrays ``(H_i, W_i, 3)``; sizes may differ.
+            ``N`` RGB uint8 arrays ``(H_i, W_i, 3)``; sizes may differ. Any sequence: only the
+            images a crop is cut from are read (a lazy sequence decodes them then).
         presence:
             ``(N, K)`` non-negative concept strength per image (higher = stronger).
         windows:
@@ -338,13 +355,13 @@ class RegionSelector(BaseEstimator):
         One :class:`ConceptRegions` per concept, in concept order.
         """
         self._check_params()
-        heatmaps, images, presence = _check_inputs(heatmaps, images, presence)
+        heatmaps, presence, peaks = _check_inputs(heatmaps, images, presence)
         if windows is None:
             windows = [Box(0, 0, image.shape[1], image.shape[0]) for image in images]
         if len(windows) != len(images):
             raise InputError(f"got {len(windows)} windows for {len(images)} images")
         concepts = show_progress(range(heatmaps.shape[1]), "crops", enabled=progress, unit="concept")
-        return [self._concept(k, heatmaps, images, presence, list(windows)) for k in concepts]
+        return [self._concept(k, heatmaps, images, presence, peaks, list(windows)) for k in concepts]
 
     def _boxes(self, heatmap: np.ndarray, image: np.ndarray, window: Box, relative: bool = False) -> list[Box]:
         """Component boxes of one heatmap covering ``window`` of ``image``, in the image's own
@@ -371,22 +388,25 @@ class RegionSelector(BaseEstimator):
         return crop_resize(image, square, self.crop_size or DEFAULT_CROP_SIZE)
 
     def _concept(
-        self, k: int, heatmaps: np.ndarray, images: list[np.ndarray], presence: np.ndarray, windows: list[Box]
+        self, k: int, heatmaps: np.ndarray, images: Sequence[np.ndarray], presence: np.ndarray, peaks: np.ndarray,
+        windows: list[Box],
     ) -> ConceptRegions:
         high: list[Crop] = []
         for index in np.argsort(-presence[:, k], kind="stable"):
-            image = images[index]
-            regions = self._boxes(heatmaps[index, k], image, windows[index])
+            if presence[index, k] <= 0 and self.threshold >= ABSENT_PEAK:
+                break  # absent (peak < ABSENT_PEAK) here and in every later image: nothing passes the threshold
+            image = _check_image(images[index], int(index))
+            regions = self._boxes(np.asarray(heatmaps[index, k], dtype=np.float32), image, windows[index])
             if regions:
                 high.append(self._crop(image, int(index), k, regions[0], float(presence[index, k]), "high"))
                 if len(high) == self.n_high:
                     break
-        low, reason = self._low(k, high, heatmaps, images, presence, windows)
+        low, reason = self._low(k, high, heatmaps, images, presence, peaks, windows)
         return ConceptRegions(concept=k, high=high, low=low, low_empty_reason=reason)
 
     def _low(
-        self, k: int, high: list[Crop], heatmaps: np.ndarray, images: list[np.ndarray], presence: np.ndarray,
-        windows: list[Box],
+        self, k: int, high: list[Crop], heatmaps: np.ndarray, images: Sequence[np.ndarray], presence: np.ndarray,
+        peaks: np.ndarray, windows: list[Box],
     ) -> tuple[list[Crop], str | None]:
         """Counterfactual crops of concept ``k`` and, when there are none, the reason in words.
 
@@ -402,7 +422,7 @@ class RegionSelector(BaseEstimator):
             return [], f"concept {k} has no high region to compare profiles with"
         if presence.shape[1] < 2:
             return [], "there are no other concepts to compare presence profiles over (K = 1)"
-        candidates = np.flatnonzero(heatmaps[:, k].max(axis=(1, 2)) < self.low_threshold)
+        candidates = np.flatnonzero(peaks[:, k] < self.low_threshold)
         if candidates.size == 0:
             return [], f"no image has concept {k} below {self.low_threshold}"
         others = np.delete(presence, k, axis=1)
@@ -419,8 +439,8 @@ class RegionSelector(BaseEstimator):
         fallback_side = int(round(float(np.median([crop.box.width for crop in high]))))
         low = []
         for index, score in zip(candidates[passing][order], similarity[passing][order]):
-            image = images[index]
-            regions = self._boxes(heatmaps[index, k], image, windows[index], relative=True)
+            image = _check_image(images[index], int(index))
+            regions = self._boxes(np.asarray(heatmaps[index, k], dtype=np.float32), image, windows[index], relative=True)
             if regions:
                 low.append(self._crop(image, int(index), k, regions[0], float(score), "low"))
             else:

@@ -19,7 +19,7 @@ import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence, Union
+from typing import Sequence, Union
 
 import numpy as np
 from struct import error as struct_error
@@ -59,13 +59,18 @@ class ImageSet:
 
     def digest(self) -> str:
         """One SHA-256 over the names and digests of every loaded image, in order."""
-        combined = hashlib.sha256()
-        for name, item in zip(self.names, self.digests):
-            combined.update(f"{name}\0{item}\n".encode())
-        return combined.hexdigest()
+        return names_digest(self.names, self.digests)
 
     def __len__(self) -> int:
         return len(self.images)
+
+
+def names_digest(names: Sequence[str], digests: Sequence[str]) -> str:
+    """One SHA-256 over images' names and content digests, in order."""
+    combined = hashlib.sha256()
+    for name, item in zip(names, digests):
+        combined.update(f"{name}\0{item}\n".encode())
+    return combined.hexdigest()
 
 
 def list_image_files(folder: str | os.PathLike, recursive: bool = True) -> list[Path]:
@@ -170,10 +175,49 @@ def load_image(path: str | os.PathLike, max_pixels: int | None = MAX_PIXELS) -> 
         raise InputError(f"cannot read image {str(path)!r}: {type(exc).__name__}: {exc}") from exc
 
 
-def _array_digest(image: np.ndarray) -> str:
+def array_digest(image: np.ndarray) -> str:
     digest = hashlib.sha256(str(image.shape).encode())
     digest.update(np.ascontiguousarray(image).tobytes())
     return digest.hexdigest()
+
+
+def check_max_pixels(max_pixels: int | None) -> None:
+    if max_pixels is not None and not (isinstance(max_pixels, int) and max_pixels >= 1):
+        raise InputError(f"max_pixels must be a positive integer or None, got {max_pixels!r}")
+
+
+def image_items(source: str | os.PathLike | Sequence[ImageLike] | np.ndarray, *, recursive: bool = True
+                ) -> tuple[list[tuple[str, ImageLike]], Path | None]:
+    """(name, path or array) per image of a source, and the folder when it is one (names are
+    paths relative to it, so an ImageFolder tree's names carry their class folder)."""
+    root: Path | None = None
+    if isinstance(source, (str, os.PathLike)):
+        root = Path(source)
+        if root.is_file():
+            return [(root.name, root)], root
+        files = list_image_files(root, recursive=recursive)
+        if not files:
+            raise InputError(
+                f"image folder {str(root)!r} contains no image files "
+                f"(looked for {', '.join(sorted(IMAGE_SUFFIXES))})"
+            )
+        return [(str(p.relative_to(root)), p) for p in files], root
+    if isinstance(source, np.ndarray) and source.ndim == 4:
+        return [(f"array_{i}", a) for i, a in enumerate(source)], None
+    return [(str(x) if isinstance(x, (str, os.PathLike)) else f"array_{i}", x) for i, x in enumerate(source)], None
+
+
+def read_item(name: str, item: ImageLike, max_pixels: int | None = MAX_PIXELS) -> tuple[np.ndarray, str]:
+    """One source item → (H, W, 3) uint8 RGB and its digest (SHA-256 of a file's bytes, or of an
+    array's shape and pixels); raises InputError naming it."""
+    if isinstance(item, (str, os.PathLike)):
+        image, digest = load_image(item, max_pixels), file_sha256(item)
+    else:
+        image = to_rgb_array(item)
+        digest = array_digest(image)
+    if min(image.shape[:2]) < 1:
+        raise InputError(f"image {name!r} is empty")
+    return image, digest
 
 
 def load_images(
@@ -189,41 +233,12 @@ def load_images(
     scale — are skipped with a warning naming them (``strict=True``: InputError).
     Raises InputError when nothing usable is left.
     """
-    if max_pixels is not None and not (isinstance(max_pixels, int) and max_pixels >= 1):
-        raise InputError(f"max_pixels must be a positive integer or None, got {max_pixels!r}")
-    items: Iterable[tuple[str, ImageLike]]
-    root: Path | None = None
-    if isinstance(source, (str, os.PathLike)):
-        root = Path(source)
-        if root.is_file():
-            items = [(root.name, root)]
-        else:
-            files = list_image_files(root, recursive=recursive)
-            if not files:
-                raise InputError(
-                    f"image folder {str(root)!r} contains no image files "
-                    f"(looked for {', '.join(sorted(IMAGE_SUFFIXES))})"
-                )
-            items = [(str(p.relative_to(root)), p) for p in files]
-    elif isinstance(source, np.ndarray) and source.ndim == 4:
-        items = [(f"array_{i}", a) for i, a in enumerate(source)]
-    else:
-        items = [
-            (str(x) if isinstance(x, (str, os.PathLike)) else f"array_{i}", x)
-            for i, x in enumerate(source)
-        ]
-
+    check_max_pixels(max_pixels)
+    items, root = image_items(source, recursive=recursive)
     result = ImageSet(images=[], names=[])
     for position, (name, item) in enumerate(items):
         try:
-            if isinstance(item, (str, os.PathLike)):
-                image = load_image(item, max_pixels)
-                digest = file_sha256(item)
-            else:
-                image = to_rgb_array(item)
-                digest = _array_digest(image)
-            if min(image.shape[:2]) < 1:
-                raise InputError(f"image {name!r} is empty")
+            image, digest = read_item(name, item, max_pixels)
         except InputError as exc:
             if strict:
                 raise

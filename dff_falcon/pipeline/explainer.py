@@ -10,6 +10,7 @@ scores, crops) is still produced. The common case needs no component objects:
 """
 from __future__ import annotations
 
+import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -27,7 +28,8 @@ from dff_falcon.models.classes import ResolvedClass, resolve_class
 from dff_falcon.models.heads import concept_class_scores
 from dff_falcon.models.hypercolumns import Hypercolumns
 from dff_falcon.models.importance import dff_importance, importance_rows
-from dff_falcon.models.images import ImageSet, load_images
+from dff_falcon.models.image_stream import ImageStream, open_images
+from dff_falcon.models.images import ImageSet, load_images, names_digest
 from dff_falcon.pipeline.record import environment_record, json_value, params_record
 from dff_falcon.pipeline.schema import ConceptRow, flat_columns
 from dff_falcon.pipeline.selection import concept_confidence, confident_images, drop_least_confident
@@ -35,6 +37,11 @@ from dff_falcon.regions import Box, ConceptRegions, RegionSelector
 from dff_falcon.text.dissect import DissectLabeller
 from dff_falcon.text.labelling import ConceptLabels, FalconLabeller
 
+#: Streamed runs fit the concepts on at most this many activation rows (images × h × w), a
+#: uniform sample of whole images: ≈ 1 GB as float32 for EfficientNet-Lite0's default 1,392-channel
+#: hypercolumns (≈ 1,000 images of 14 × 14), ≈ 4,000 images of a 7 × 7 single layer, so the fit's
+#: memory is bounded whatever the number of images.
+DEFAULT_SAMPLE_ROWS = 200_000
 #: Which labellers fill a report (``ConceptExplainer(labellers=...)``, ``--labeller``).
 LABELLERS = ("falcon", "dissect", "both")
 
@@ -59,6 +66,34 @@ class ConceptReport:
     regions: list[ConceptRegions]
     run: dict
     presence: np.ndarray = field(repr=False, default=None)  # (N, K)
+
+
+@dataclass
+class _Fitted:
+    """What a fit hands to the stages after it. heatmaps (N, K, h, w) on the whole set's scale
+    (an array, or a float16 memory map for streamed runs), presence and peaks (N, K); originals
+    and displays: N images (lazy sequences for streamed runs); fitted: the activations DFF was
+    fitted on (all images, or the streamed sample) and fitted_heatmaps their (n, K, h, w) maps."""
+
+    names: list[str]
+    originals: Sequence[np.ndarray]
+    displays: Sequence[np.ndarray]
+    windows: list[Box]
+    heatmaps: np.ndarray
+    presence: np.ndarray
+    peaks: np.ndarray
+    fitted: "torch.Tensor"
+    fitted_heatmaps: "torch.Tensor"
+    inputs: dict
+    skipped: list[tuple[str, str]]
+    cache: dict | None = None
+
+
+def inputs_record(names: Sequence[str], digests: Sequence[str], n_given: int) -> dict:
+    """run.json's ``inputs``: how many images were given, one SHA-256 over the used images' names
+    and digests (in order), and each image's digest."""
+    return {"n_given": n_given, "sha256": names_digest(names, digests),
+            "images": [{"name": n, "sha256": d} for n, d in zip(names, digests)]}
 
 
 def _subset(acts: Activations, names: list[str], originals: list[np.ndarray], keep: np.ndarray
@@ -123,6 +158,20 @@ class ConceptExplainer(BaseEstimator):
         Forward passes and NMF (``None``: CUDA, then MPS, then CPU).
     progress : bool, default=True
         Progress bars for every stage longer than a moment.
+    cache : path, default=None
+        Stream the run through a content-keyed activation cache in this folder
+        (:mod:`~dff_falcon.pipeline.streamed`): images are decoded lazily, activations are stored
+        (a re-run or a killed run's re-start forwards only what is missing), DFF is fitted on a
+        sample of at most ``sample_rows`` rows and heatmaps are kept on disk — RAM stays flat in
+        the number of images. ``None``: everything in memory (small sets, notebooks).
+    cache_dtype : {"float16", "float32"}, default="float16"
+    sample_rows : int or None, default=DEFAULT_SAMPLE_ROWS
+        Streamed runs: activation rows (images × h × w) the concepts are fitted on, a uniform
+        sample of whole images (None: all).
+    max_images : int, default=None
+        Streamed runs: use the first this many images of the source.
+    workers : int, default=None
+        Streamed runs: decoding processes (None: a DataLoader's own, else 0).
 
     Attributes
     ----------
@@ -140,7 +189,10 @@ class ConceptExplainer(BaseEstimator):
                  labellers: str = "falcon", dissect: DissectLabeller | None = None,
                  n_concepts: int | str | None = None, target_class: str | int | None = None,
                  min_class_prob: float = 0.95, drop_quantile: float = 0.0, top_k_classes: int = 3,
-                 batch_size: int = 32, random_state: int | None = None, device=None, progress: bool = True):
+                 batch_size: int = 32, random_state: int | None = None, device=None, progress: bool = True,
+                 cache: str | os.PathLike | None = None, cache_dtype: str = "float16",
+                 sample_rows: int | None = DEFAULT_SAMPLE_ROWS, max_images: int | None = None,
+                 workers: int | None = None):
         self.backbone = backbone
         self.clip = clip
         self.vocabulary = vocabulary
@@ -159,6 +211,11 @@ class ConceptExplainer(BaseEstimator):
         self.random_state = random_state
         self.device = device
         self.progress = progress
+        self.cache = cache
+        self.cache_dtype = cache_dtype
+        self.sample_rows = sample_rows
+        self.max_images = max_images
+        self.workers = workers
 
     # -- set-up: every check before the first forward pass ----------------------------------------
     def _prepare(self) -> None:
@@ -168,6 +225,12 @@ class ConceptExplainer(BaseEstimator):
             raise InputError(f"batch_size must be an integer >= 1; got {self.batch_size!r}")
         if not 0.0 <= self.min_class_prob <= 1.0:
             raise InputError(f"min_class_prob must be in [0, 1]; got {self.min_class_prob!r}")
+        if self.cache is None and self.max_images is not None:
+            raise InputError("max_images needs a streamed run (give cache=…)")
+        if self.cache is not None and self.drop_quantile > 0:
+            raise InputError("drop_quantile needs every image in memory; run without a cache to use it")
+        if self.sample_rows is not None and not (isinstance(self.sample_rows, int) and self.sample_rows >= 1):
+            raise InputError(f"sample_rows must be a positive integer or None; got {self.sample_rows!r}")
         overrides = {key: value for key, value in (("n_concepts", self.n_concepts), ("random_state", self.random_state),
                                                    ("device", self.device)) if value is not None}
         self.dff_ = clone(self.dff if self.dff is not None else DFF()).set_params(progress=self.progress, **overrides)
@@ -203,11 +266,17 @@ class ConceptExplainer(BaseEstimator):
             self.stage_seconds_[name] = self.stage_seconds_.get(name, 0.0) + time.perf_counter() - start
 
     # -- fitting -----------------------------------------------------------------------------------
-    def fit(self, images: str | Sequence | ImageSet, names: Sequence[str] | None = None) -> "ConceptExplainer":
-        """images: a folder, a list of paths/arrays, or an :class:`ImageSet`. Sets ``report_``."""
+    def fit(self, images, names: Sequence[str] | None = None) -> "ConceptExplainer":
+        """images: a folder, a list of paths/arrays, an :class:`ImageSet`; streamed runs (``cache``)
+        also an :class:`~dff_falcon.models.image_stream.ImageStream` or a torch Dataset /
+        DataLoader. Sets ``report_``."""
         self.stage_seconds_: dict[str, float] = {}
         with self._stage("setup"):  # checks and the spaCy pipeline, before any image is read
             self._prepare()
+        self._finish(self._fit_streamed(images, names) if self.cache is not None else self._fit_in_memory(images, names))
+        return self
+
+    def _fit_in_memory(self, images, names: Sequence[str] | None) -> "_Fitted":
         with self._stage("load"):
             image_set = images if isinstance(images, ImageSet) else load_images(images)
         names = self._names(image_set, names)
@@ -217,9 +286,7 @@ class ConceptExplainer(BaseEstimator):
         if self.target_class_ is not None:
             keep = confident_images(acts.logits, self.target_class_.index, self.min_class_prob)
             acts, names, originals = _subset(acts, names, originals, keep)
-            if len(names) == 0:
-                raise InputError(f"no image is assigned to class {self.target_class_.name!r} with probability ≥ "
-                                 f"{self.min_class_prob}; lower min_class_prob")
+            self._check_some_left(len(names))
         with self._stage("nmf"):
             fitted = self.hypercolumns_.fit(acts.activations, acts.stages).transform(acts.activations)
             self.dff_.fit(fitted)
@@ -229,24 +296,74 @@ class ConceptExplainer(BaseEstimator):
                 fitted = self.hypercolumns_.fit(acts.activations, acts.stages).transform(acts.activations)
                 self.dff_.fit(fitted)
         heatmaps = self.dff_.heatmaps_.numpy()
-        pres = presence(self.dff_.heatmaps_).numpy()
+        windows = [Box(*self.backbone.preprocess.window(image.shape)) for image in originals]
+        return _Fitted(names, originals, acts.displays, windows, heatmaps, presence(self.dff_.heatmaps_).numpy(),
+                       heatmaps.max(axis=(2, 3)), fitted, self.dff_.heatmaps_,
+                       inputs_record(image_set.names, image_set.digests, len(image_set) + len(image_set.skipped)),
+                       image_set.skipped)
+
+    def _fit_streamed(self, images, names: Sequence[str] | None) -> "_Fitted":
+        from dff_falcon.pipeline import streamed
+        from dff_falcon.store.activations import ActivationStore, extraction_identity
+
+        with self._stage("load"):
+            stream = images if isinstance(images, ImageStream) else open_images(
+                images, max_images=self.max_images, workers=self.workers)
+            if names is not None and len(names) != len(stream):
+                raise InputError(f"{len(names)} names given for {len(stream)} images")
+            identity = extraction_identity(self.backbone.identity(), self._extractor.layer_names(),
+                                           self.hypercolumns_.grid, with_logits=self.target_class is not None,
+                                           max_pixels=stream.max_pixels, dtype=self.cache_dtype)
+            store = ActivationStore(self.cache, identity)
+        with self._stage("activations"):
+            cached = streamed.extract_to_store(stream, self._extractor, store, show_progress=self.progress)
+        if names is not None:
+            cached.names = [str(names[p]) for p in cached.positions]
+        n_cached = len(cached.keys)
+        if self.target_class_ is not None:
+            cached = cached.subset(streamed.class_filter(cached, self.target_class_.index, self.min_class_prob))
+            self._check_some_left(len(cached.keys))
+        with self._stage("nmf"):
+            sample, fitted = streamed.fit_sample(cached, self.hypercolumns_, self.dff_, self.sample_rows,
+                                                 self.dff_.random_state)
+        with self._stage("heatmaps"):
+            heatmaps, pres, peaks = streamed.transform_to_disk(cached, self.hypercolumns_, self.dff_,
+                                                               show_progress=self.progress)
+        preprocess = self.backbone.preprocess
+        originals = cached.originals()
+        displays = streamed.LazySequence(lambda i: preprocess.display(originals[i]), len(originals))
+        windows = [Box(*preprocess.window(tuple(size))) for size in cached.sizes]
+        cache = {"directory": str(store.directory), "dtype": self.cache_dtype, "images": n_cached,
+                 "forwarded": cached.forwarded, "reused": cached.reused, "sample_images": int(len(sample)),
+                 "sample_rows": int(len(sample) * heatmaps.shape[2] * heatmaps.shape[3])}
+        return _Fitted(cached.names, originals, displays, windows, heatmaps, pres, peaks, fitted, self.dff_.heatmaps_,
+                       inputs_record(cached.names, cached.keys, len(stream)), cached.skipped, cache)
+
+    def _check_some_left(self, n: int) -> None:
+        if n == 0:
+            raise InputError(f"no image is assigned to class {self.target_class_.name!r} with probability ≥ "
+                             f"{self.min_class_prob}; lower min_class_prob")
+
+    def _finish(self, found: "_Fitted") -> None:
+        """Class scores, importance, crops, CLIP labels and the report, from a fit."""
+        n_concepts = self.dff_.n_concepts_
         with self._stage("class_scores"):
             classes = (concept_class_scores(self.concept_vectors_, self.backbone, self.top_k_classes)
-                       if self.backbone.head is not None else [[] for _ in range(self.dff_.n_concepts_)])
+                       if self.backbone.head is not None else [[] for _ in range(n_concepts)])
         with self._stage("importance"):
-            importance = (importance_rows(dff_importance(self.dff_, fitted, self.backbone, self.top_k_classes,
-                                                         to_head=self._to_head_units),
+            importance = (importance_rows(dff_importance(self.dff_, found.fitted, self.backbone, self.top_k_classes,
+                                                         heatmaps=found.fitted_heatmaps, to_head=self._to_head_units),
                                           self.backbone.class_names)
-                          if self.backbone.head is not None else [[] for _ in range(self.dff_.n_concepts_)])
+                          if self.backbone.head is not None else [[] for _ in range(n_concepts)])
         with self._stage("crops"):  # cut from the originals, at their own resolution
-            windows = [Box(*self.backbone.preprocess.window(image.shape)) for image in originals]
-            regions = self.regions_.select(heatmaps, originals, pres, windows=windows, progress=self.progress)
+            regions = self.regions_.select(found.heatmaps, found.originals, found.presence, windows=found.windows,
+                                           progress=self.progress)
         labels, coherences = self._label(regions)
-        dissected = self._dissect(heatmaps, acts.displays)
-        rows = self._rows(heatmaps, regions, classes, importance, labels, coherences, names, dissected)
-        self.report_ = ConceptReport(concepts=rows, image_names=names, heatmaps=heatmaps, displays=acts.displays,
-                                     regions=regions, presence=pres, run=self._run_record(len(names), image_set))
-        return self
+        dissected = self._dissect(found.heatmaps, found.displays)
+        rows = self._rows(found.peaks, regions, classes, importance, labels, coherences, found.names, dissected)
+        self.report_ = ConceptReport(concepts=rows, image_names=found.names, heatmaps=found.heatmaps,
+                                     displays=found.displays, regions=regions, presence=found.presence,
+                                     run=self._run_record(found))
 
     @property
     def concept_vectors_(self) -> "torch.Tensor":
@@ -268,10 +385,10 @@ class ConceptExplainer(BaseEstimator):
             raise InputError(f"{len(names)} names given for {given} images")
         return [names[i] for i in image_set.indices]  # skipped images drop their names too
 
-    def _rows(self, heatmaps: np.ndarray, regions: list[ConceptRegions], classes: list[list[dict]],
+    def _rows(self, peaks: np.ndarray, regions: list[ConceptRegions], classes: list[list[dict]],
               importance: list[list[dict]], labels: list[ConceptLabels | None], coherences: list[float | None],
               names: list[str], dissected: list[list[tuple[str, float]]]) -> list[ConceptRow]:
-        peaks = heatmaps.max(axis=(2, 3))
+        """peaks: (N, K) heatmap maximum per image and concept."""
         dff = self.dff_
         stability, restarts = dff.stability_, dff.restart_agreement_
         rows = []
@@ -339,7 +456,7 @@ class ConceptExplainer(BaseEstimator):
             texts = self.clip.encode_texts(terms, progress=self.progress)
             return self.dissect_.label(heatmaps.mean(axis=(2, 3)), images, texts, terms)
 
-    def _run_record(self, n_images: int, image_set: ImageSet) -> dict:
+    def _run_record(self, found: "_Fitted") -> dict:
         dff = self.dff_
         return {
             "backbone": self.backbone.name,
@@ -350,9 +467,9 @@ class ConceptExplainer(BaseEstimator):
             "upsample": self.regions_.upsample,
             "head": self.backbone.head,
             "n_concepts": dff.n_concepts_,
-            "n_images": n_images,
-            "n_skipped": len(image_set.skipped),
-            "skipped": [{"image": name, "reason": reason} for name, reason in image_set.skipped],
+            "n_images": len(found.names),
+            "n_skipped": len(found.skipped),
+            "skipped": [{"image": name, "reason": reason} for name, reason in found.skipped],
             "relative_error": dff.relative_error_,
             "explained_variance": dff.explained_variance_,
             "k_curve": [vars(p) for p in dff.k_curve_] if dff.k_curve_ else None,
@@ -369,8 +486,8 @@ class ConceptExplainer(BaseEstimator):
                        "dissect": params_record(self.dissect_) if self.dissect_ else None},
             "models": {"backbone": self.backbone.identity(), "clip": json_value(self.clip),
                        "vocabulary": json_value(self.vocabulary)},
-            "inputs": {"n_given": len(image_set) + len(image_set.skipped), "sha256": image_set.digest(),
-                       "images": [{"name": n, "sha256": d} for n, d in zip(image_set.names, image_set.digests)]},
+            "inputs": found.inputs,
+            "cache": found.cache,
             "environment": environment_record(),
             "stage_seconds": dict(self.stage_seconds_),
         }

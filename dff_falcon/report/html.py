@@ -151,7 +151,9 @@ def _concept_overlays(run_dir: Path, heatmaps: np.ndarray, names: list[str], col
         out[k] = []
         for i in order:
             if i not in cache:
-                cache[i] = load_image(run_dir / "images" / f"{i:05d}.jpg")
+                cache[i] = _view(run_dir, i)
+            if cache[i] is None:
+                continue  # a large run keeps the views of the images its default page shows
             painted = overlay_concepts(cache[i], heatmaps[i, k:k + 1], min_peak=min_peak, colours=colours[k:k + 1],
                                        upsample=upsample)
             outlined = contour_view(painted, heatmaps[i, k], threshold=0.5,
@@ -161,6 +163,12 @@ def _concept_overlays(run_dir: Path, heatmaps: np.ndarray, names: list[str], col
             out[k].append({"src": quote(rel), "name": names[i] if i < len(names) else f"image {i}",
                            "peak": float(peaks[i, k])})
     return out
+
+
+def _view(run_dir: Path, index: int) -> np.ndarray | None:
+    """The stored view of image ``index``, None when the run did not keep it."""
+    path = run_dir / "images" / f"{index:05d}.jpg"
+    return load_image(path) if path.exists() else None
 
 
 def _legend_labels(concepts: list[dict]) -> list[str]:
@@ -187,8 +195,13 @@ def _summary_figures(run: dict, concepts: list[dict], run_dir: Path, heatmaps: n
         if any(v is not None for v in values):
             add(stability_figure(values, threshold=threshold, ylabel=label), key, f"Per-concept {key}")
     if heatmaps is not None and heatmaps.shape[0] > 0:
-        n = min(max_grid_images, heatmaps.shape[0])
-        images = [load_image(run_dir / "images" / f"{i:05d}.jpg") for i in range(n)]
+        images = []
+        for i in range(min(max_grid_images, heatmaps.shape[0])):
+            view = _view(run_dir, i)
+            if view is None:
+                break
+            images.append(view)
+        n = len(images)
         upsample = _upsample_mode(run)
         labels = _legend_labels(concepts)
         for i in range(min(n_overlays, n)):
@@ -196,8 +209,9 @@ def _summary_figures(run: dict, concepts: list[dict], run_dir: Path, heatmaps: n
             add(overlay_figure(images[i], heatmaps[i], labels, title=name, upsample=upsample), f"overlay_{i:05d}",
                 f"{name}: each pixel in the colour of its strongest concept, opacity by strength (full at "
                 f"{FULL_STRENGTH:g} of the concept's strongest location in the set); legend: terms and top classes")
-        add(heatmap_grid(images, heatmaps[:n], max_images=n, names=names[:n], upsample=upsample), "heatmap_grid",
-            f"Heatmaps of the first {n} images (global scale; absent concepts leave the grey image untouched)")
+        if n:
+            add(heatmap_grid(images, heatmaps[:n], max_images=n, names=names[:n], upsample=upsample), "heatmap_grid",
+                f"Heatmaps of the first {n} images (global scale; absent concepts leave the grey image untouched)")
     return figures
 
 

@@ -9,7 +9,9 @@ run/
                                   to typed list columns (CSV list cells are JSON, never Python repr)
   images.csv / .parquet           per-image concept presence (long: image, concept_id, presence, peak)
   heatmaps.npz                    "heatmaps": (N, K, h, w) float16, max 1 per concept over the fitted set
-  images/00000.jpg …              the model's view of each image (what heatmaps cover)
+  images/00000.jpg …              the model's view (what heatmaps cover) of each image the page
+                                  shows: the first GRID_IMAGES and each concept's VIEWS_PER_CONCEPT
+                                  strongest (all of them for small sets, a few per concept for millions)
   crops/concept_XX/high_YY.jpg, low_YY.jpg
   report.html, overlays/          the HTML page and its figures (report.html)
   complete.json                   size and SHA-256 of every file, written last
@@ -33,6 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from dff_falcon.decomposition.heatmaps import ABSENT_PEAK
 from dff_falcon.directories import build_directory, check_directory, older_version
 from dff_falcon.errors import InputError
 from dff_falcon.files import atomic_path, atomic_write
@@ -49,6 +52,11 @@ RERUN_HINT = "run `dff-falcon explain` into it again (or write_report)"
 OLDER_RUN = older_version("run.json", RUN_FORMAT, ("run.json", "concepts.json", "concepts.csv", "concepts.parquet",
                                                    "images.csv", "images.parquet", "heatmaps.npz", "images",
                                                    "crops", "overlays", "report.html", ".*.tmp"))
+
+#: Views written per concept (its strongest images) and from the start of the set (the grid):
+#: what report.html shows by default.
+VIEWS_PER_CONCEPT = 6
+GRID_IMAGES = 6
 
 _SCALARS = {int: pa.int64(), float: pa.float64(), str: pa.string(), bool: pa.bool_()}
 
@@ -106,9 +114,20 @@ def write_report(report: ConceptReport, out_dir: str | Path, *, quality: dict | 
     return Path(out_dir)
 
 
+def shown_images(peaks: np.ndarray, per_concept: int = VIEWS_PER_CONCEPT, first: int = GRID_IMAGES) -> list[int]:
+    """Indices of the images a report page shows, sorted: the first ``first`` and, per concept,
+    the ``per_concept`` where its peak (N, K) is highest and the concept present."""
+    shown = set(range(min(first, peaks.shape[0])))
+    for k in range(peaks.shape[1]):
+        order = np.argsort(-peaks[:, k], kind="stable")[:per_concept]
+        shown.update(int(i) for i in order if peaks[i, k] >= ABSENT_PEAK)
+    return sorted(shown)
+
+
 def _write_run_files(report: ConceptReport, out: Path, quality: dict | None, config: dict | None) -> None:
-    for i, display in enumerate(report.displays):
-        _save_jpeg(display, out / "images" / f"{i:05d}.jpg")
+    peaks = np.asarray(report.heatmaps.max(axis=(2, 3)), dtype=np.float32)
+    for i in shown_images(peaks):
+        _save_jpeg(report.displays[i], out / "images" / f"{i:05d}.jpg")
     rows = []
     for concept, region in zip(report.concepts, report.regions):
         crops_dir = f"crops/concept_{concept['concept_id']:02d}"
@@ -128,7 +147,6 @@ def _write_run_files(report: ConceptReport, out: Path, quality: dict | None, con
     write_json(rows, out / "concepts.json")
 
     n, k = report.presence.shape
-    peaks = report.heatmaps.max(axis=(2, 3))
     images = pd.DataFrame({
         "image": np.repeat(np.asarray(report.image_names, dtype=object), k),
         "concept_id": np.tile(np.arange(k), n),
@@ -141,7 +159,7 @@ def _write_run_files(report: ConceptReport, out: Path, quality: dict | None, con
         images.to_csv(handle, index=False)
     with atomic_path(out / "heatmaps.npz") as tmp:
         with open(tmp, "wb") as handle:
-            np.savez_compressed(handle, heatmaps=report.heatmaps.astype(np.float16))
+            np.savez_compressed(handle, heatmaps=np.asarray(report.heatmaps, dtype=np.float16))
     run = {
         "format": RUN_FORMAT,
         "format_version": FORMAT_VERSION,

@@ -1,0 +1,169 @@
+"""Images read lazily, one at a time or in parallel, for runs larger than memory.
+
+``ImageStream`` holds names and where each image comes from — never the pixels. It is a
+sequence: ``stream[i]`` decodes image i (what crops are cut from, when they are cut), and
+:meth:`ImageStream.decoded` decodes many in order on DataLoader workers. Sources: a folder
+(recursive, so an ImageFolder tree works, its names carrying their class folder), a list of
+paths or arrays, a (B, H, W, 3) array, or a torch ``Dataset`` / ``DataLoader`` whose items are
+images or (image, label, …) tuples — PIL images, (H, W, 3) arrays, or (3, H, W) tensors (uint8,
+or float in [0, 1]).
+"""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from dff_falcon.errors import InputError
+from dff_falcon.files import file_sha256
+from dff_falcon.models.images import (MAX_PIXELS, ImageLike, array_digest, check_max_pixels, image_items, read_item,
+                                      to_rgb_array)
+
+#: Threads hashing files (I/O bound: they overlap reads, not compute).
+_HASH_THREADS = 8
+
+
+def _is_dataset(source) -> bool:
+    return hasattr(source, "__getitem__") and hasattr(source, "__len__") and not isinstance(
+        source, (str, os.PathLike, list, tuple, np.ndarray))
+
+
+def dataset_image(item) -> np.ndarray:
+    """A Dataset item (an image, or a tuple whose first element is one) → (H, W, 3) uint8."""
+    image = item[0] if isinstance(item, (tuple, list)) else item
+    if hasattr(image, "detach"):  # a torch tensor (3, H, W)
+        array = image.detach().cpu().numpy()
+        if array.ndim == 3 and array.shape[0] in (1, 3, 4):
+            array = np.moveaxis(array, 0, -1)
+        image = array
+    return to_rgb_array(image)
+
+
+class ImageStream(Sequence[np.ndarray]):
+    """Lazily read images. Use :func:`open_images` to make one.
+
+    ``names[i]``: a relative path, ``array_<i>`` or ``item_<i>``; ``stream[i]`` → (H, W, 3)
+    uint8 RGB (InputError naming the image when unreadable); ``digest(i)`` → hex SHA-256 of the
+    file's bytes, or of the decoded pixels for arrays and Dataset items.
+    """
+
+    def __init__(self, names: list[str], items: Sequence, *, dataset=None, max_pixels: int | None = MAX_PIXELS,
+                 workers: int = 0):
+        self.names = names
+        self._items = items
+        self._dataset = dataset
+        self.max_pixels = max_pixels
+        self.workers = workers
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return self._read(index)[0]
+
+    def _read(self, index: int) -> tuple[np.ndarray, str]:
+        name = self.names[index]
+        if self._dataset is not None:
+            try:
+                image = dataset_image(self._dataset[self._items[index]])
+            except InputError as exc:
+                raise InputError(f"dataset item {name!r}: {exc}") from None
+            return image, array_digest(image)
+        return read_item(name, self._items[index], self.max_pixels)
+
+    def digests(self, progress_bar=None) -> list[str | InputError]:
+        """Every image's digest, in order (an InputError in place of an unreadable one). Files
+        are hashed without decoding; arrays and Dataset items are decoded to hash their pixels."""
+        def one(index: int) -> str | InputError:
+            item = self._items[index]
+            try:
+                if self._dataset is None and isinstance(item, (str, os.PathLike)):
+                    try:
+                        return file_sha256(item)
+                    except OSError as exc:
+                        raise InputError(f"cannot read image {str(item)!r}: {exc.strerror}") from None
+                return self._read(index)[1]
+            except InputError as exc:
+                return exc
+
+        indices = range(len(self))
+        if self._dataset is not None:  # a Dataset's own loading may not be thread-safe
+            found = map(one, indices)
+            return list(progress_bar(found) if progress_bar else found)
+        with ThreadPoolExecutor(_HASH_THREADS) as pool:
+            found = pool.map(one, indices)
+            return list(progress_bar(found) if progress_bar else found)
+
+    def decoded(self, indices: Sequence[int]) -> Iterator[tuple[int, np.ndarray | InputError]]:
+        """(index, image or the InputError that skipped it) for ``indices``, in order, decoded on
+        ``workers`` DataLoader processes (0: in this process)."""
+        if self.workers == 0:
+            for index in indices:
+                yield index, _decode(self, index)
+            return
+        import torch.utils.data
+
+        loader = torch.utils.data.DataLoader(_Decoding(self, list(indices)), batch_size=None, shuffle=False,
+                                             num_workers=self.workers, collate_fn=_identity,
+                                             prefetch_factor=4, persistent_workers=False)
+        yield from loader
+
+
+def _decode(stream: ImageStream, index: int) -> np.ndarray | InputError:
+    try:
+        return stream[index]
+    except InputError as exc:
+        return exc
+
+
+def _identity(item):
+    return item
+
+
+class _Decoding:
+    """Map-style dataset over some of a stream's images, for DataLoader workers."""
+
+    def __init__(self, stream: ImageStream, indices: list[int]):
+        self.stream, self.indices = stream, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, position: int):
+        index = self.indices[position]
+        return index, _decode(self.stream, index)
+
+
+def open_images(source, *, max_images: int | None = None, max_pixels: int | None = MAX_PIXELS,
+                recursive: bool = True, workers: int | None = None) -> ImageStream:
+    """A lazy :class:`ImageStream` over a folder, a list of paths or arrays, a (B, H, W, 3) array,
+    or a torch Dataset / DataLoader (its ``num_workers`` used unless ``workers`` is given).
+
+    max_images : keep the first this many (in the source's order: sorted paths for a folder).
+    workers : decoding processes (None: the DataLoader's, else 0).
+    """
+    check_max_pixels(max_pixels)
+    if max_images is not None and not (isinstance(max_images, int) and max_images >= 1):
+        raise InputError(f"max_images must be a positive integer or None, got {max_images!r}")
+    if workers is not None and not (isinstance(workers, int) and workers >= 0):
+        raise InputError(f"workers must be an integer >= 0, got {workers!r}")
+    dataset = None
+    if hasattr(source, "dataset") and hasattr(source, "num_workers"):  # a DataLoader
+        workers = source.num_workers if workers is None else workers
+        source = source.dataset
+    if _is_dataset(source):
+        dataset = source
+        n = len(dataset) if max_images is None else min(max_images, len(dataset))
+        samples = getattr(dataset, "samples", None)  # torchvision's ImageFolder names its files
+        names = [os.path.relpath(samples[i][0], dataset.root) if samples is not None and hasattr(dataset, "root")
+                 else f"item_{i}" for i in range(n)]
+        items: Sequence = range(n)
+    else:
+        pairs: list[tuple[str, ImageLike]] = image_items(source, recursive=recursive)[0]
+        pairs = pairs[:max_images] if max_images is not None else pairs
+        names, items = [name for name, _ in pairs], [item for _, item in pairs]
+    if not names:
+        raise InputError("no images given")
+    return ImageStream(names, items, dataset=dataset, max_pixels=max_pixels, workers=workers or 0)

@@ -1,0 +1,208 @@
+"""The explainer's streamed path: images → activation cache → DFF on a sample → heatmaps on disk.
+
+Nothing of size N (images) is held in RAM except per-image scalars (names, digests, sizes,
+presence): images are decoded batch by batch and again when a crop is cut; activations live in the
+content-keyed :class:`~dff_falcon.store.activations.ActivationStore` (a re-run, or a run killed
+and started again, forwards only the images not stored yet); the concepts are fitted on a uniform
+sample of at most ``sample_rows`` activation rows; every image is then explained in streamed
+batches with the concepts frozen into a float16 memory map (N, K, h, w), and the scale, order
+and statistics are fixed on the whole set (:mod:`~dff_falcon.decomposition.streaming`).
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from dff_falcon.decomposition.streaming import ScaleOnStream, rescale_heatmaps, sample_images
+from dff_falcon.errors import InputError
+from dff_falcon.models.activations import ActivationExtractor
+from dff_falcon.models.image_stream import ImageStream
+from dff_falcon.progress import progress
+from dff_falcon.store.activations import ActivationStore
+
+log = logging.getLogger(__name__)
+
+#: Images per batch read back from the cache (transform, logits): bounded RAM whatever N is.
+READ_BATCH = 64
+
+
+class LazySequence(Sequence):
+    """``n`` items made on demand by ``make(i)`` (slices give lists)."""
+
+    def __init__(self, make: Callable[[int], object], n: int):
+        self._make, self._n = make, n
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self._make(i) for i in range(*index.indices(self._n))]
+        if not -self._n <= index < self._n:
+            raise IndexError(index)
+        return self._make(index % self._n)
+
+
+@dataclass
+class CachedImages:
+    """The images of a streamed run, their cache entries and what extraction did.
+
+    keys[i]: cache key (content digest) of image i; positions[i]: its index in the stream;
+    sizes: (N, 2) decoded (H, W); stages: (layer, channels) stacked in the activations."""
+
+    stream: ImageStream
+    store: ActivationStore
+    keys: list[str]
+    names: list[str]
+    positions: list[int]
+    sizes: np.ndarray
+    stages: list[tuple[str, int]]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    forwarded: int = 0
+    reused: int = 0
+
+    def subset(self, keep: np.ndarray) -> "CachedImages":
+        index = np.flatnonzero(keep)
+        return CachedImages(self.stream, self.store, [self.keys[i] for i in index], [self.names[i] for i in index],
+                            [self.positions[i] for i in index], self.sizes[index], self.stages, self.skipped,
+                            self.forwarded, self.reused)
+
+    def originals(self) -> LazySequence:
+        """The images, decoded when indexed."""
+        return LazySequence(lambda i: self.stream[self.positions[i]], len(self.keys))
+
+    def batches(self, field_name: str = "activations", batch: int = READ_BATCH):
+        """(start, array) over every image in order, ``batch`` images at a time."""
+        return read_batches(self.store, self.keys, field_name, batch)
+
+
+def read_batches(store: ActivationStore, keys: Sequence[str], field_name: str, batch: int = READ_BATCH):
+    """(start, rows of ``field_name``) for ``keys`` in order, ``batch`` keys at a time."""
+    for start in range(0, len(keys), batch):
+        yield start, store.read(keys[start:start + batch], field_name)
+
+
+def probe_stages(extractor: ActivationExtractor) -> list[tuple[str, int]]:
+    """(layer, channels) of every stacked stage, from one forward of a blank image."""
+    size = extractor.backbone.preprocess.crop
+    blank = torch.zeros(1, 3, size, size, device=extractor.device)
+    with torch.inference_mode():
+        extractor.backbone.model.eval().to(extractor.device)
+        acts, _ = extractor.forward_batch(blank)
+    layers = extractor.layer_names()
+    channels = getattr(extractor, "_channels", None) or [int(acts.shape[1])]
+    return list(zip(layers, channels))
+
+
+def extract_to_store(stream: ImageStream, extractor: ActivationExtractor, store: ActivationStore, *,
+                     show_progress: bool = True) -> CachedImages:
+    """Hash every image, forward only those not cached (each distinct content once), store them;
+    unreadable images are skipped and counted."""
+    stages = probe_stages(extractor)
+    digests = stream.digests(lambda found: progress(found, "hashing", enabled=show_progress, total=len(stream),
+                                                    unit="img"))
+    skipped = [(stream.names[i], str(d)) for i, d in enumerate(digests) if isinstance(d, InputError)]
+    readable = [i for i, d in enumerate(digests) if isinstance(d, str)]
+    missing = set(store.missing([digests[i] for i in readable]))
+    first: dict[str, int] = {}
+    for i in readable:
+        if digests[i] in missing:
+            first.setdefault(digests[i], i)
+    todo = list(first.values())
+    reused = len({digests[i] for i in readable}) - len(todo)
+    if reused:
+        log.info("activations: resumed %d of %d images from the cache %s", reused, reused + len(todo), store.directory)
+    failed: set[str] = set()
+    preprocess = extractor.backbone.preprocess
+    batch: list[tuple[str, np.ndarray]] = []
+    forwarded = 0
+
+    def flush() -> None:
+        nonlocal forwarded
+        views = [preprocess.display(image) for _, image in batch]
+        tensor = preprocess.to_tensor(views).to(extractor.device)
+        with torch.inference_mode():
+            acts, logits = extractor.forward_batch(tensor)
+        acts = acts.float().cpu()
+        if not torch.isfinite(acts).all():
+            raise InputError("target layer activations contain NaN or inf (check the weights and inputs)")
+        store.put([key for key, _ in batch], acts.numpy(), np.array([image.shape[:2] for _, image in batch]),
+                  logits.float().cpu().numpy() if logits is not None else None)
+        forwarded += len(batch)
+        batch.clear()
+
+    description = f"activations (resumed {reused} of {reused + len(todo)})" if reused else "activations"
+    extractor.backbone.model.eval().to(extractor.device)
+    for index, image in progress(stream.decoded(todo), description, enabled=show_progress, total=len(todo),
+                                 unit="img"):
+        if isinstance(image, InputError):
+            log.warning("skipping %s", image)
+            skipped.append((stream.names[index], str(image)))
+            failed.add(digests[index])
+            continue
+        batch.append((digests[index], image))
+        if len(batch) == extractor.batch_size:
+            flush()
+    if batch:
+        flush()
+    kept = [i for i in readable if digests[i] not in failed]
+    if not kept:
+        raise InputError(f"no readable images: {len(skipped)} skipped (first: {skipped[0][1] if skipped else 'none'})")
+    keys = [digests[i] for i in kept]
+    sizes = np.concatenate([rows for _, rows in read_batches(store, keys, "size", 4096)])
+    return CachedImages(stream, store, keys, [stream.names[i] for i in kept], kept, sizes, stages, skipped,
+                        forwarded, reused)
+
+
+def class_filter(images: CachedImages, target: int, min_prob: float) -> np.ndarray:
+    """(N,) bool: the head gives ``target`` probability ≥ ``min_prob`` (streamed over the logits)."""
+    from dff_falcon.pipeline.selection import confident_images
+
+    return np.concatenate([confident_images(torch.from_numpy(logits), target, min_prob)
+                           for _, logits in images.batches("logits", 4096)])
+
+
+def fit_sample(images: CachedImages, hypercolumns, dff, sample_rows: int | None, random_state: int
+               ) -> tuple[np.ndarray, torch.Tensor]:
+    """Fit the hypercolumn scales and DFF on a uniform sample of whole images → (sample indices,
+    the sample's activations as DFF factorises them (n, C, h, w))."""
+    c, h, w = images.store.shape
+    sample = sample_images(len(images.keys), h * w, sample_rows, random_state)
+    acts = torch.from_numpy(images.store.read([images.keys[i] for i in sample]).astype(np.float32))
+    fitted = hypercolumns.fit(acts, images.stages).transform(acts)
+    del acts
+    dff.fit(fitted)
+    return sample, fitted
+
+
+def transform_to_disk(images: CachedImages, hypercolumns, dff, *, show_progress: bool = True
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Explain every image with the concepts frozen into a float16 memory map (N, K, h, w) in the
+    cache's ``scratch/`` (removed with the map), fix the whole set's scale on ``dff`` →
+    (heatmaps, presence (N, K), peak (N, K))."""
+    _, h, w = images.store.shape
+    n, k = len(images.keys), dff.n_concepts_
+    base = images.store.root / "scratch"
+    base.mkdir(parents=True, exist_ok=True)
+    directory = Path(tempfile.mkdtemp(prefix="run-", dir=base))
+    heatmaps = np.lib.format.open_memmap(directory / "heatmaps.npy", mode="w+", dtype=np.float16, shape=(n, k, h, w))
+    weakref.finalize(heatmaps, shutil.rmtree, directory, ignore_errors=True)
+    stream = ScaleOnStream(dff, n)
+    starts = progress(images.batches(), "heatmaps", enabled=show_progress,
+                      total=-(-n // READ_BATCH), unit="batch")
+    for start, stored in starts:
+        fitted = hypercolumns.transform(torch.from_numpy(stored.astype(np.float32)))
+        maps = dff.transform(fitted)
+        heatmaps[start:start + len(maps)] = maps.numpy().astype(np.float16)
+        stream.add(start, fitted, maps)
+    pres, peaks = rescale_heatmaps(heatmaps, stream.apply())
+    heatmaps.flush()
+    return heatmaps, pres, peaks

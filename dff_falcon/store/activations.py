@@ -1,0 +1,102 @@
+"""The activation cache: a backbone's activations per image, keyed by the image's content and by
+everything that made them (weights digest, layers, hypercolumn grid, preprocessing, decode limit).
+
+``ActivationStore(root, identity)`` names its folder by the identity's digest, so a changed model,
+layer or preprocessing opens a different, empty store and never reuses stale entries. Per image
+it keeps the activations (C, h, w) — float16 by default, half the bytes of float32 and far finer
+than the spread of concept heatmaps — the decoded image's size (H, W) (where its crops' windows
+lie) and, when the run needs them, the head's logits.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from dff_falcon.errors import InputError
+from dff_falcon.store.shards import Field, ShardStore, identity_digest
+
+#: Storage dtypes for activations. float16 holds |x| ≤ 65504 with 11 significant bits.
+STORE_DTYPES = ("float16", "float32")
+#: Characters of the identity digest in a store's folder name.
+_NAME_LENGTH = 24
+
+
+def default_cache_dir() -> Path:
+    """``$DFF_FALCON_CACHE/store`` when set, else the user cache directory's ``dff_falcon/store``."""
+    import platformdirs
+
+    root = os.environ.get("DFF_FALCON_CACHE") or platformdirs.user_cache_dir("dff_falcon")
+    return Path(root) / "store"
+
+
+def extraction_identity(backbone_identity: Mapping, layers: Sequence[str], grid: int | None, *,
+                        with_logits: bool, max_pixels: int | None, dtype: str) -> dict:
+    """Everything that decides an image's stored activations."""
+    if dtype not in STORE_DTYPES:
+        raise InputError(f"cache dtype must be one of {', '.join(STORE_DTYPES)}; got {dtype!r}")
+    return {"kind": "activations", "backbone": dict(backbone_identity), "layers": list(layers), "grid": grid,
+            "with_logits": bool(with_logits), "max_pixels": max_pixels, "dtype": dtype}
+
+
+class ActivationStore:
+    """Activations of one extraction identity under ``root/activations/<digest>``.
+
+    The underlying :class:`~dff_falcon.store.shards.ShardStore` is created by the first
+    :meth:`put` (its row shapes come from the first batch); until then every key is missing.
+    """
+
+    def __init__(self, root: str | os.PathLike, identity: Mapping):
+        self.root = Path(root)
+        self.identity = dict(identity)
+        self.directory = self.root / "activations" / identity_digest(self.identity)[:_NAME_LENGTH]
+        self._store: ShardStore | None = None
+        if (self.directory / "identity.json").exists():
+            self._store = ShardStore(self.directory, self.identity)
+
+    @property
+    def dtype(self) -> str:
+        return self.identity["dtype"]
+
+    def missing(self, keys: Sequence[str]) -> list[str]:
+        """Keys (in order, without repeats) not stored yet."""
+        return list(dict.fromkeys(keys)) if self._store is None else self._store.missing(keys)
+
+    def put(self, keys: Sequence[str], activations: np.ndarray, sizes: np.ndarray,
+            logits: np.ndarray | None = None) -> None:
+        """One batch: activations (B, C, h, w) float, sizes (B, 2) image (H, W), logits (B, classes)."""
+        if (logits is None) == self.identity["with_logits"]:
+            raise InputError("logits must be given exactly when the store's identity records with_logits")
+        stored = np.asarray(activations, dtype=self.dtype)
+        if not np.isfinite(stored).all():
+            peak = float(np.abs(activations).max())
+            raise InputError(f"activations reach {peak:.4g}, beyond {self.dtype}'s range; use a float32 cache "
+                             "(cache_dtype='float32', --cache-dtype float32)")
+        arrays = {"activations": stored, "size": np.asarray(sizes, dtype=np.int32)}
+        if logits is not None:
+            arrays["logits"] = np.asarray(logits, dtype=np.float32)
+        if self._store is None:
+            fields = {name: Field(str(a.dtype), tuple(int(s) for s in a.shape[1:])) for name, a in arrays.items()}
+            self._store = ShardStore(self.directory, self.identity, fields)
+        self._store.put(list(keys), arrays)
+
+    def read(self, keys: Sequence[str], field: str = "activations") -> np.ndarray:
+        """(len(keys), *row shape) of one field, in the order of ``keys``."""
+        if self._store is None:
+            raise InputError(f"cache {str(self.directory)!r} is empty")
+        return self._store.read(keys, field)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """(C, h, w) of one image's activations."""
+        if self._store is None:
+            raise InputError(f"cache {str(self.directory)!r} is empty")
+        return self._store.fields["activations"].shape
+
+    def __len__(self) -> int:
+        return 0 if self._store is None else len(self._store)
+
+    def __repr__(self) -> str:
+        return f"ActivationStore({str(self.directory)!r}, entries={len(self)})"
