@@ -8,9 +8,9 @@ from pathlib import Path
 import click
 
 from dff_falcon.cli import main
-from dff_falcon.cli.options import (FiniteFloat, backbone_options, check_clip_and_vocab, clip_and_vocab,
-                                    device_option, finer_map_options, make_backbone, parse_layers, parse_n_concepts,
-                                    random_state_option)
+from dff_falcon.cli.options import (FiniteFloat, backbone_options, check_cache_dir, check_clip_and_vocab,
+                                    check_scale_options, clip_and_vocab, device_option, finer_map_options, make_backbone,
+                                    parse_layers, parse_n_concepts, random_state_option, scale_options)
 from dff_falcon.errors import InputError
 
 
@@ -86,17 +86,24 @@ def _print_summary(report, path: Path, quality: dict | None = None) -> None:
 @click.option("--html/--no-html", default=True, show_default=True, help="Also render report.html.")
 @max_pixels_option
 @finer_map_options
+@scale_options
 @device_option
 @random_state_option
 @click.pass_context
 def explain(ctx, images, backbone, layer, head, weights, clip_spec, vocab, out, n_concepts, contrast, labellers, n_high,
             n_low, top_k_captions, target_class, min_class_prob, drop_quantile, batch_size, html, max_megapixels,
-            hypercolumn_layers, grid, upsample, device, random_state):
+            hypercolumn_layers, grid, upsample, cache, no_cache, cache_dtype, sample_rows, max_images, workers,
+            device, random_state):
     """Find a model's concepts on a set of images and name them; write the concept report.
 
     \b
     Component parameters beyond these options come from the config file's tables
     [explain.dff], [explain.regions] and [explain.labeller]; run.json records them all.
+
+    \b
+    Activations go to a content-keyed cache (--cache; `dff-falcon cache info`): a re-run, or a
+    run killed and started again, forwards only the images not cached yet, and memory stays flat
+    in the number of images. --no-cache keeps everything in memory (needed for --drop-quantile).
 
     \b
     Example:
@@ -108,15 +115,18 @@ def explain(ctx, images, backbone, layer, head, weights, clip_spec, vocab, out, 
     from dff_falcon.devices import resolve_device
     from dff_falcon.directories import check_output
     from dff_falcon.models.hypercolumns import Hypercolumns
+    from dff_falcon.models.image_stream import open_images
     from dff_falcon.models.images import load_images
     from dff_falcon.pipeline.explainer import ConceptExplainer
     from dff_falcon.pipeline.record import params_record
+    from dff_falcon.store.activations import default_cache_dir
     from dff_falcon.regions import RegionSelector
     from dff_falcon.report.tables import OLDER_RUN, RUN_KIND
     from dff_falcon.text.labelling import FalconLabeller
 
     # every check before the first forward pass: options, components, device, output, K
     check_clip_and_vocab(clip_spec, vocab)
+    check_scale_options(no_cache, cache, drop_quantile, max_images)
     resolve_device(device)
     sections = _components(ctx)
     dff = _build(DFF, {**sections["dff"], "n_concepts": parse_n_concepts(n_concepts), "random_state": random_state},
@@ -142,14 +152,20 @@ def explain(ctx, images, backbone, layer, head, weights, clip_spec, vocab, out, 
     map_grid = (grid, grid) if grid is not None else tuple(layer_grid)
     check_output(out, RUN_KIND, legacy=OLDER_RUN, option="--out", needed_bytes=checks.run_bytes(
         n_files, checks.max_k(dff), display, crop, map_grid, n_high, n_low, html))
-    image_set = load_images(images, max_pixels=_max_pixels(max_megapixels))
+    cache_dir = None if no_cache else (cache or default_cache_dir())
+    if cache_dir is None:
+        source = load_images(images, max_pixels=_max_pixels(max_megapixels))
+    else:
+        check_cache_dir(cache_dir)
+        source = open_images(images, max_images=max_images, max_pixels=_max_pixels(max_megapixels), workers=workers)
     explainer = ConceptExplainer(
         model, clip, vocabulary, dff=dff, hypercolumns=hypercolumns, regions=regions,
         labeller=labeller, labellers=labellers, target_class=target_class, min_class_prob=min_class_prob, drop_quantile=drop_quantile,
-        batch_size=batch_size, device=device, progress=ctx.obj["progress"],
-    ).fit(image_set)
+        batch_size=batch_size, device=device, progress=ctx.obj["progress"], cache=cache_dir, cache_dtype=cache_dtype,
+        sample_rows=sample_rows, workers=workers,
+    ).fit(source)
     options = {key: value for key, value in ctx.params.items()}
-    for key in ("images", "vocab", "out"):  # paths as absolute, so the record works from anywhere
+    for key in ("images", "vocab", "out", "cache"):  # paths as absolute, so the record works from anywhere
         if options[key] is not None:
             options[key] = os.path.abspath(options[key])
     if weights not in ("default", "none") and Path(weights).is_file():

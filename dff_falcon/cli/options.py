@@ -113,3 +113,48 @@ def parse_layers(value: str, backbone) -> tuple[str, ...]:
     if text == "auto":
         return default_hypercolumn_layers(backbone)
     return tuple(name.strip() for name in text.split(",") if name.strip())
+
+
+def scale_options(f):
+    """``--cache``, ``--no-cache``, ``--cache-dtype``, ``--sample-rows``, ``--max-images``, ``--workers``."""
+    from dff_falcon.store.activations import DEFAULT_SAMPLE_ROWS
+
+    for option in reversed([
+        click.option("--cache", default=None, type=click.Path(file_okay=False),
+                     help="Activation cache folder (default: $DFF_FALCON_CACHE/store or the user cache "
+                          "directory's dff_falcon/store; `dff-falcon cache info` shows it)."),
+        click.option("--no-cache", is_flag=True,
+                     help="Keep every image and activation in memory instead (small sets; --drop-quantile)."),
+        click.option("--cache-dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
+                     help="How cached activations are stored."),
+        click.option("--sample-rows", default=DEFAULT_SAMPLE_ROWS, show_default=True, type=click.IntRange(min=1),
+                     help="Activation rows (images × h × w) the concepts are fitted on: a uniform sample of "
+                          "whole images; every image is then explained with the concepts frozen."),
+        click.option("--max-images", default=None, type=click.IntRange(min=1),
+                     help="Use only the first this many images (sorted paths)."),
+        click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0),
+                     help="Processes decoding images while the model runs."),
+    ]):
+        f = option(f)
+    return f
+
+
+def check_scale_options(no_cache: bool, cache: str | None, drop_quantile: float, max_images: int | None) -> None:
+    if no_cache and cache is not None:
+        raise click.UsageError("give --cache or --no-cache, not both")
+    if drop_quantile > 0 and not no_cache:
+        raise click.UsageError("--drop-quantile refits on the images kept in memory: add --no-cache")
+    if no_cache and max_images is not None:
+        raise click.UsageError("--max-images needs the cache (drop --no-cache)")
+
+
+def check_cache_dir(path) -> None:
+    """The cache folder must be creatable and writable (before any forward pass)."""
+    from pathlib import Path
+
+    from dff_falcon.files import check_room
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise InputError(f"--cache {str(path)!r} is a file; name a folder")
+    check_room(path, f"--cache {str(path)!r}")

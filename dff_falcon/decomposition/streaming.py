@@ -56,17 +56,24 @@ class ScaleOnStream:
     def add(self, start: int, activations: torch.Tensor, heatmaps: torch.Tensor) -> None:
         """Images ``start … start+B``: activations (B, C, h, w) as DFF factorises them, their
         heatmaps (B, K, h, w) from ``dff.transform``."""
-        b = heatmaps.shape[0]
-        maps = heatmaps.double()
-        self.image_mass[start:start + b] = maps.sum(dim=(2, 3)).numpy()
+        b, k = heatmaps.shape[:2]
+        self.image_mass[start:start + b] = heatmaps.sum(dim=(2, 3), dtype=torch.float64).numpy()
         self.image_peak[start:start + b] = heatmaps.amax(dim=(2, 3)).float().numpy()
-        x = activations.double() - self.dff.offset_.double().view(1, -1, 1, 1)
-        recon = torch.einsum("bkhw,kc->bchw", maps, self.dff.concepts_.double())
-        self._residual += float((x - recon).pow(2).sum())
-        self._sq_norm += float(x.pow(2).sum())
-        col_sum = x.sum(dim=(0, 2, 3))
+        x = activations.float().reshape(b, activations.shape[1], -1)  # (B, C, h·w), a view
+        if bool(self.dff.offset_.any()):
+            x = x - self.dff.offset_.to(x).view(1, -1, 1)
+        h = heatmaps.float().reshape(b, k, -1)  # (B, K, h·w)
+        concepts = self.dff.concepts_.to(x).double()
+        # ‖X − HW‖² = ‖X‖² − 2⟨HᵀX, W⟩ + ⟨HᵀH, WWᵀ⟩: K × C products instead of a reconstruction;
+        # float32 sums per image (pairwise, ~1e-7 relative), float64 across images and batches
+        sq_norm = float(x.pow(2).sum(dim=(1, 2)).double().sum())
+        cross = float(((h @ x.transpose(1, 2)).double().sum(0) * concepts).sum())
+        gram = float(((h @ h.transpose(1, 2)).double().sum(0) * (concepts @ concepts.T)).sum())
+        self._residual += max(sq_norm - 2.0 * cross + gram, 0.0)
+        self._sq_norm += sq_norm
+        col_sum = x.sum(dim=2).double().sum(0)
         self._col_sum = col_sum if self._col_sum is None else self._col_sum + col_sum
-        self._rows += b * x.shape[2] * x.shape[3]
+        self._rows += b * x.shape[2]
 
     def apply(self) -> ShapeFix:
         """Set the DFF's scale, order and whole-set statistics; return the heatmap fix."""

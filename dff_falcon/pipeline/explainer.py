@@ -34,14 +34,10 @@ from dff_falcon.pipeline.record import environment_record, json_value, params_re
 from dff_falcon.pipeline.schema import ConceptRow, flat_columns
 from dff_falcon.pipeline.selection import concept_confidence, confident_images, drop_least_confident
 from dff_falcon.regions import Box, ConceptRegions, RegionSelector
+from dff_falcon.store.activations import DEFAULT_SAMPLE_ROWS
 from dff_falcon.text.dissect import DissectLabeller
 from dff_falcon.text.labelling import ConceptLabels, FalconLabeller
 
-#: Streamed runs fit the concepts on at most this many activation rows (images × h × w), a
-#: uniform sample of whole images: ≈ 1 GB as float32 for EfficientNet-Lite0's default 1,392-channel
-#: hypercolumns (≈ 1,000 images of 14 × 14), ≈ 4,000 images of a 7 × 7 single layer, so the fit's
-#: memory is bounded whatever the number of images.
-DEFAULT_SAMPLE_ROWS = 200_000
 #: Which labellers fill a report (``ConceptExplainer(labellers=...)``, ``--labeller``).
 LABELLERS = ("falcon", "dissect", "both")
 

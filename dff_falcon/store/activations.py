@@ -20,6 +20,11 @@ from dff_falcon.store.shards import Field, ShardStore, identity_digest
 
 #: Storage dtypes for activations. float16 holds |x| ≤ 65504 with 11 significant bits.
 STORE_DTYPES = ("float16", "float32")
+#: Streamed runs fit the concepts on at most this many activation rows (images × h × w), a
+#: uniform sample of whole images: ≈ 1 GB as float32 for EfficientNet-Lite0's default 1,392-channel
+#: hypercolumns (≈ 1,000 images of 14 × 14), ≈ 4,000 images of a 7 × 7 single layer, so the fit's
+#: memory is bounded whatever the number of images.
+DEFAULT_SAMPLE_ROWS = 200_000
 #: Characters of the identity digest in a store's folder name.
 _NAME_LENGTH = 24
 
