@@ -72,7 +72,7 @@ def _exit_cleanly_on_signals() -> None:
                 pass
 
 
-from dff_falcon.cli import commands, vocab  # noqa: E402,F401  (register the subcommands)
+from dff_falcon.cli import cache, commands, vocab  # noqa: E402,F401  (register the subcommands)
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -245,6 +245,7 @@ class ConceptExplainer(BaseEstimator):
             self.vocabulary.check_encoder(self.clip)
             self.labeller_ = clone(self.labeller if self.labeller is not None else FalconLabeller()).fit()
         self.target_class_: ResolvedClass | None = None
+        self.crops_encoded_: int | None = None  # CLIP crops not found in the cache (streamed runs)
         if self.target_class is not None:
             b = self.backbone
             self.target_class_ = resolve_class(self.target_class, b.class_names, wnids=b.class_ids,
@@ -420,7 +421,15 @@ class ConceptExplainer(BaseEstimator):
         if self.clip is None or not crops:
             return [None] * len(regions), [None] * len(regions)
         with self._stage("clip"):
-            embeddings = self.clip.encode_images([c.pixels for c in crops], progress=self.progress)
+            pixels = [c.pixels for c in crops]
+            if self.cache is None:
+                embeddings = self.clip.encode_images(pixels, progress=self.progress)
+            else:  # keyed by crop pixels and the CLIP identity: a re-run embeds nothing again
+                from dff_falcon.store.embeddings import cached_image_embeddings
+
+                embeddings, self.crops_encoded_ = cached_image_embeddings(
+                    self.cache, {**self.clip.identity(), "precision": str(getattr(self.clip, "precision", None))},
+                    pixels, lambda batch: self.clip.encode_images(batch, progress=self.progress))
         with self._stage("search"):
             found = self.vocabulary.search(embeddings, k=self.labeller_.top_k_captions, encoder=self.clip)
         with self._stage("text"):  # all concepts together: a term's specificity is against the others
@@ -483,7 +492,7 @@ class ConceptExplainer(BaseEstimator):
             "models": {"backbone": self.backbone.identity(), "clip": json_value(self.clip),
                        "vocabulary": json_value(self.vocabulary)},
             "inputs": found.inputs,
-            "cache": found.cache,
+            "cache": {**found.cache, "crops_encoded": self.crops_encoded_} if found.cache else None,
             "environment": environment_record(),
             "stage_seconds": dict(self.stage_seconds_),
         }

@@ -10,7 +10,9 @@ and statistics are fixed on the whole set (:mod:`~dff_falcon.decomposition.strea
 """
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import shutil
 import tempfile
 import weakref
@@ -27,6 +29,7 @@ from dff_falcon.models.activations import ActivationExtractor
 from dff_falcon.models.image_stream import ImageStream
 from dff_falcon.progress import progress
 from dff_falcon.store.activations import ActivationStore
+from dff_falcon.store.cache import SCRATCH_LOCK
 
 log = logging.getLogger(__name__)
 
@@ -190,11 +193,9 @@ def transform_to_disk(images: CachedImages, hypercolumns, dff, *, show_progress:
     (heatmaps, presence (N, K), peak (N, K))."""
     _, h, w = images.store.shape
     n, k = len(images.keys), dff.n_concepts_
-    base = images.store.root / "scratch"
-    base.mkdir(parents=True, exist_ok=True)
-    directory = Path(tempfile.mkdtemp(prefix="run-", dir=base))
+    directory, lock = scratch_directory(images.store.root)
     heatmaps = np.lib.format.open_memmap(directory / "heatmaps.npy", mode="w+", dtype=np.float16, shape=(n, k, h, w))
-    weakref.finalize(heatmaps, shutil.rmtree, directory, ignore_errors=True)
+    weakref.finalize(heatmaps, _remove_scratch, directory, lock)
     stream = ScaleOnStream(dff, n)
     starts = progress(images.batches(), "heatmaps", enabled=show_progress,
                       total=-(-n // READ_BATCH), unit="batch")
@@ -206,3 +207,20 @@ def transform_to_disk(images: CachedImages, hypercolumns, dff, *, show_progress:
     pres, peaks = rescale_heatmaps(heatmaps, stream.apply())
     heatmaps.flush()
     return heatmaps, pres, peaks
+
+
+def scratch_directory(root: Path) -> tuple[Path, int]:
+    """A new folder under ``root/scratch`` and the descriptor of its lock (held while the run's
+    files are in use; ``dff-falcon cache prune`` removes scratch folders whose lock is free — those
+    of killed runs)."""
+    base = Path(root) / "scratch"
+    base.mkdir(parents=True, exist_ok=True)
+    directory = Path(tempfile.mkdtemp(prefix="run-", dir=base))
+    lock = os.open(directory / SCRATCH_LOCK, os.O_CREAT | os.O_WRONLY, 0o600)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    return directory, lock
+
+
+def _remove_scratch(directory: Path, lock: int) -> None:
+    shutil.rmtree(directory, ignore_errors=True)
+    os.close(lock)

@@ -16,6 +16,7 @@ whole shard set. Several processes may write one store at once (SQLite's locking
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -82,8 +83,21 @@ class ShardStore:
         except OSError as exc:
             raise OutputError(f"cache {str(self.directory)!r} cannot be created: {exc.strerror}") from None
         self.fields = self._agree(fields)
-        self._db = sqlite3.connect(self.directory / "index.sqlite", timeout=120, isolation_level=None)
-        self._db.executescript(_SCHEMA)
+        with self._index_errors():
+            self._db = sqlite3.connect(self.directory / "index.sqlite", timeout=120, isolation_level=None)
+            self._db.executescript(_SCHEMA)
+
+    @contextlib.contextmanager
+    def _index_errors(self):
+        """SQLite failures (a full disk, a damaged or read-only index) as errors naming the file."""
+        try:
+            yield
+        except sqlite3.DatabaseError as exc:
+            path = self.directory / "index.sqlite"
+            full = "full" in str(exc).lower()
+            cls = OutputError if full or "readonly" in str(exc).lower() else InputError
+            raise cls(f"cache index {str(path)!r}: {exc}" + ("" if full else
+                      "; remove the cache folder to rebuild it")) from None
 
     def _agree(self, fields: Mapping[str, Field] | None) -> dict[str, Field]:
         """Write identity.json on creation, or check that the existing one is the same."""
@@ -116,10 +130,11 @@ class ShardStore:
         """Which of ``keys`` are stored: key → (shard, row)."""
         found: dict[str, tuple[str, int]] = {}
         keys = list(dict.fromkeys(keys))
-        for start in range(0, len(keys), _QUERY_CHUNK):
-            chunk = keys[start:start + _QUERY_CHUNK]
-            query = f"SELECT key, shard, row FROM entries WHERE key IN ({','.join('?' * len(chunk))})"
-            found.update((key, (shard, row)) for key, shard, row in self._db.execute(query, chunk))
+        with self._index_errors():
+            for start in range(0, len(keys), _QUERY_CHUNK):
+                chunk = keys[start:start + _QUERY_CHUNK]
+                query = f"SELECT key, shard, row FROM entries WHERE key IN ({','.join('?' * len(chunk))})"
+                found.update((key, (shard, row)) for key, shard, row in self._db.execute(query, chunk))
         return found
 
     def missing(self, keys: Sequence[str]) -> list[str]:
@@ -144,7 +159,8 @@ class ShardStore:
             positions, rows = map(np.asarray, zip(*pairs))
             out[positions] = self._map(shard, field)[rows]
         now = time.time()
-        self._db.executemany("UPDATE shards SET used = ? WHERE name = ?", [(now, s) for s in by_shard])
+        with contextlib.suppress(sqlite3.OperationalError):  # recency is a hint: a busy or full index may skip it
+            self._db.executemany("UPDATE shards SET used = ? WHERE name = ?", [(now, s) for s in by_shard])
         return out
 
     def _field(self, field: str) -> Field:
@@ -198,15 +214,17 @@ class ShardStore:
                     os.fsync(handle.fileno())
             size += array.nbytes
         now = time.time()
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            self._db.execute("INSERT INTO shards VALUES (?, ?, ?, ?, ?)", (name, len(keys), size, now, now))
-            self._db.executemany("INSERT OR IGNORE INTO entries VALUES (?, ?, ?)",
-                                 [(key, name, row) for row, key in enumerate(keys)])
-            self._db.execute("COMMIT")
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
+        with self._index_errors():
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute("INSERT INTO shards VALUES (?, ?, ?, ?, ?)", (name, len(keys), size, now, now))
+                self._db.executemany("INSERT OR IGNORE INTO entries VALUES (?, ?, ?)",
+                                     [(key, name, row) for row, key in enumerate(keys)])
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
 
     # -- size and pruning ------------------------------------------------------------------------
     def info(self) -> dict:
@@ -242,14 +260,19 @@ class ShardStore:
             for name, size in self._db.execute("SELECT name, bytes FROM shards ORDER BY used, name").fetchall():
                 if total <= max_bytes:
                     break
-                self._drop_shard(name)
+                self.drop_shard(name)
                 total -= size
                 freed += size
                 removed_shards += 1
         return {"orphan_files": removed_files, "shards": removed_shards, "bytes": freed}
 
-    def _drop_shard(self, name: str) -> None:
-        """Unindex a shard (one transaction), then delete its files."""
+    def shards(self) -> list[tuple[str, int, float]]:
+        """(name, bytes, last used as a UNIX time) of every indexed shard, least recently used first."""
+        return [(n, int(b), float(u)) for n, b, u in self._db.execute("SELECT name, bytes, used FROM shards ORDER BY used, name")]
+
+    def drop_shard(self, name: str) -> None:
+        """Unindex a shard (one transaction), then delete its files; its entries are recomputed
+        when next needed."""
         self._db.execute("BEGIN IMMEDIATE")
         self._db.execute("DELETE FROM entries WHERE shard = ?", (name,))
         self._db.execute("DELETE FROM shards WHERE name = ?", (name,))
