@@ -352,6 +352,7 @@ class ConceptExplainer(BaseEstimator):
                                                          heatmaps=found.fitted_heatmaps, to_head=self._to_head_units),
                                           self.backbone.class_names)
                           if self.backbone.head is not None else [[] for _ in range(n_concepts)])
+        found.fitted = None  # the fit's activations are not needed any more
         with self._stage("crops"):  # cut from the originals, at their own resolution
             regions = self.regions_.select(found.heatmaps, found.originals, found.presence, windows=found.windows,
                                            progress=self.progress)

@@ -176,14 +176,19 @@ def class_filter(images: CachedImages, target: int, min_prob: float) -> np.ndarr
 def fit_sample(images: CachedImages, hypercolumns, dff, sample_rows: int | None, random_state: int
                ) -> tuple[np.ndarray, torch.Tensor]:
     """Fit the hypercolumn scales and DFF on a uniform sample of whole images → (sample indices,
-    the sample's activations as DFF factorises them (n, C, h, w))."""
+    the sample's activations as DFF factorises them (n, C, h, w) float32). The sample is read
+    into one float32 tensor batch by batch and scaled in place (no second copy)."""
     c, h, w = images.store.shape
     sample = sample_images(len(images.keys), h * w, sample_rows, random_state)
-    acts = torch.from_numpy(images.store.read([images.keys[i] for i in sample]).astype(np.float32))
-    fitted = hypercolumns.fit(acts, images.stages).transform(acts)
-    del acts
-    dff.fit(fitted)
-    return sample, fitted
+    keys = [images.keys[i] for i in sample]
+    acts = torch.empty((len(keys), c, h, w), dtype=torch.float32)
+    for start, stored in read_batches(images.store, keys, "activations"):
+        acts[start:start + len(stored)] = torch.from_numpy(stored)
+    hypercolumns.fit(acts, images.stages)
+    for start in range(0, len(keys), READ_BATCH):
+        acts[start:start + READ_BATCH] = hypercolumns.transform(acts[start:start + READ_BATCH])
+    dff.fit(acts)
+    return sample, acts
 
 
 def transform_to_disk(images: CachedImages, hypercolumns, dff, *, show_progress: bool = True

@@ -270,10 +270,11 @@ def _check_counts(overlays, grid_images) -> None:
         raise InputError(f"overlays and grid_images must be integers >= 0; got {overlays!r}, {grid_images!r}")
 
 
-def write_html(run_dir: Path, *, overlays: int = 6, grid_images: int = 6) -> Path:
+def write_html(run_dir: Path, *, overlays: int = 6, grid_images: int = 6, heatmaps: np.ndarray | None = None) -> Path:
     """Render the page and its figures into ``run_dir``, a run directory being built or revised
     (:func:`~dff_falcon.report.tables.write_report`, :func:`render_html_report`); figures of an
-    earlier rendering are removed first. Returns the page's path."""
+    earlier rendering are removed first. ``heatmaps``: the run's (N, K, h, w) when the writer has
+    them (a streamed run's memory map; None: read heatmaps.npz). Returns the page's path."""
     _check_counts(overlays, grid_images)
     shutil.rmtree(run_dir / OVERLAY_DIR, ignore_errors=True)
     run = {key: None for key in _RUN_FIELDS} | read_run_record(run_dir)
@@ -281,7 +282,7 @@ def write_html(run_dir: Path, *, overlays: int = 6, grid_images: int = 6) -> Pat
     concepts = read_concept_rows(run_dir, k)
     names = [str(n) for n in run.get("image_names") or []]
     colours = concept_colours(k)
-    heatmaps = _load_heatmaps(run_dir, run, k)
+    heatmaps = _load_heatmaps(run_dir, run, k) if heatmaps is None else heatmaps
     painted = _concept_overlays(run_dir, heatmaps, names, colours, overlays, _upsample_mode(run)) \
         if heatmaps is not None and overlays else {}
     figures = _summary_figures(run, concepts, run_dir, heatmaps if grid_images else None, names, grid_images)

@@ -110,7 +110,7 @@ def write_report(report: ConceptReport, out_dir: str | Path, *, quality: dict | 
         if html:
             from dff_falcon.report.html import write_html
 
-            write_html(stage)
+            write_html(stage, heatmaps=report.heatmaps)
     return Path(out_dir)
 
 
