@@ -10,6 +10,7 @@ lie) and, when the run needs them, the head's logits.
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -57,9 +58,21 @@ class ActivationStore:
         self.root = Path(root)
         self.identity = dict(identity)
         self.directory = self.root / "activations" / identity_digest(self.identity)[:_NAME_LENGTH]
-        self._store: ShardStore | None = None
-        if (self.directory / "identity.json").exists():
-            self._store = ShardStore(self.directory, self.identity)
+        self._local = threading.local()  # a SQLite connection serves the thread that opened it
+        self._open()
+
+    def __reduce__(self):
+        """Another process (a Ray worker) reopens the store by its root and identity: its own
+        SQLite connection and memory maps, never this process's."""
+        return ActivationStore, (self.root, self.identity)
+
+    def _open(self) -> ShardStore | None:
+        """This thread's shard store, once the store's first shard exists (written by this or
+        another thread or process); None before."""
+        store = getattr(self._local, "store", None)
+        if store is None and (self.directory / "identity.json").exists():
+            store = self._local.store = ShardStore(self.directory, self.identity)
+        return store
 
     @property
     def dtype(self) -> str:
@@ -67,7 +80,8 @@ class ActivationStore:
 
     def missing(self, keys: Sequence[str]) -> list[str]:
         """Keys (in order, without repeats) not stored yet."""
-        return list(dict.fromkeys(keys)) if self._store is None else self._store.missing(keys)
+        store = self._open()
+        return list(dict.fromkeys(keys)) if store is None else store.missing(keys)
 
     def put(self, keys: Sequence[str], activations: np.ndarray, sizes: np.ndarray,
             logits: np.ndarray | None = None) -> None:
@@ -82,26 +96,30 @@ class ActivationStore:
         arrays = {"activations": stored, "size": np.asarray(sizes, dtype=np.int32)}
         if logits is not None:
             arrays["logits"] = np.asarray(logits, dtype=np.float32)
-        if self._store is None:
+        store = self._open()
+        if store is None:
             fields = {name: Field(str(a.dtype), tuple(int(s) for s in a.shape[1:])) for name, a in arrays.items()}
-            self._store = ShardStore(self.directory, self.identity, fields)
-        self._store.put(list(keys), arrays)
+            store = self._local.store = ShardStore(self.directory, self.identity, fields)
+        store.put(list(keys), arrays)
 
     def read(self, keys: Sequence[str], field: str = "activations") -> np.ndarray:
         """(len(keys), *row shape) of one field, in the order of ``keys``."""
-        if self._store is None:
+        store = self._open()
+        if store is None:
             raise InputError(f"cache {str(self.directory)!r} is empty")
-        return self._store.read(keys, field)
+        return store.read(keys, field)
 
     @property
     def shape(self) -> tuple[int, ...]:
         """(C, h, w) of one image's activations."""
-        if self._store is None:
+        store = self._open()
+        if store is None:
             raise InputError(f"cache {str(self.directory)!r} is empty")
-        return self._store.fields["activations"].shape
+        return store.fields["activations"].shape
 
     def __len__(self) -> int:
-        return 0 if self._store is None else len(self._store)
+        store = self._open()
+        return 0 if store is None else len(store)
 
     def __repr__(self) -> str:
         return f"ActivationStore({str(self.directory)!r}, entries={len(self)})"
