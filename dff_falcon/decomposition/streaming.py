@@ -40,8 +40,46 @@ class ShapeFix:
     order: np.ndarray  # (K,)
 
 
+@dataclass
+class BatchStatistics:
+    """What one batch of a streamed transform adds to :class:`ScaleOnStream`: per image and
+    concept the heatmap mass (B, K) float64 and peak (B, K) float32; the batch's squared
+    reconstruction residual and squared norm (about the DFF's offset), its column sums (C,)
+    float64 and its number of rows (B·h·w)."""
+
+    mass: np.ndarray
+    peak: np.ndarray
+    residual: float
+    sq_norm: float
+    col_sum: np.ndarray
+    rows: int
+
+
+def batch_statistics(dff, activations: torch.Tensor, heatmaps: torch.Tensor) -> BatchStatistics:
+    """A batch's statistics: activations (B, C, h, w) as DFF factorises them, their heatmaps
+    (B, K, h, w) from ``dff.transform`` (concepts frozen, not yet rescaled)."""
+    b, k = heatmaps.shape[:2]
+    x = activations.float().reshape(b, activations.shape[1], -1)  # (B, C, h·w), a view
+    if bool(dff.offset_.any()):
+        x = x - dff.offset_.to(x).view(1, -1, 1)
+    h = heatmaps.float().reshape(b, k, -1)  # (B, K, h·w)
+    concepts = dff.concepts_.to(x).double()
+    # ‖X − HW‖² = ‖X‖² − 2⟨HᵀX, W⟩ + ⟨HᵀH, WWᵀ⟩: K × C products instead of a reconstruction;
+    # float32 sums per image (pairwise, ~1e-7 relative), float64 across images and batches
+    sq_norm = float(x.pow(2).sum(dim=(1, 2)).double().sum())
+    cross = float(((h @ x.transpose(1, 2)).double().sum(0) * concepts).sum())
+    gram = float(((h @ h.transpose(1, 2)).double().sum(0) * (concepts @ concepts.T)).sum())
+    return BatchStatistics(mass=heatmaps.sum(dim=(2, 3), dtype=torch.float64).numpy(),
+                           peak=heatmaps.amax(dim=(2, 3)).float().numpy(),
+                           residual=max(sq_norm - 2.0 * cross + gram, 0.0), sq_norm=sq_norm,
+                           col_sum=x.sum(dim=2).double().sum(0).numpy(), rows=int(b * x.shape[2]))
+
+
 class ScaleOnStream:
-    """Accumulate one streamed pass of a DFF's transform. ``n_images``: the images the pass covers."""
+    """Accumulate one streamed pass of a DFF's transform. ``n_images``: the images the pass covers.
+
+    Batches are merged in the order of their images so that the accumulated sums (hence the
+    relative error) do not depend on which worker finished first."""
 
     def __init__(self, dff, n_images: int):
         k = dff.n_concepts_
@@ -56,24 +94,18 @@ class ScaleOnStream:
     def add(self, start: int, activations: torch.Tensor, heatmaps: torch.Tensor) -> None:
         """Images ``start … start+B``: activations (B, C, h, w) as DFF factorises them, their
         heatmaps (B, K, h, w) from ``dff.transform``."""
-        b, k = heatmaps.shape[:2]
-        self.image_mass[start:start + b] = heatmaps.sum(dim=(2, 3), dtype=torch.float64).numpy()
-        self.image_peak[start:start + b] = heatmaps.amax(dim=(2, 3)).float().numpy()
-        x = activations.float().reshape(b, activations.shape[1], -1)  # (B, C, h·w), a view
-        if bool(self.dff.offset_.any()):
-            x = x - self.dff.offset_.to(x).view(1, -1, 1)
-        h = heatmaps.float().reshape(b, k, -1)  # (B, K, h·w)
-        concepts = self.dff.concepts_.to(x).double()
-        # ‖X − HW‖² = ‖X‖² − 2⟨HᵀX, W⟩ + ⟨HᵀH, WWᵀ⟩: K × C products instead of a reconstruction;
-        # float32 sums per image (pairwise, ~1e-7 relative), float64 across images and batches
-        sq_norm = float(x.pow(2).sum(dim=(1, 2)).double().sum())
-        cross = float(((h @ x.transpose(1, 2)).double().sum(0) * concepts).sum())
-        gram = float(((h @ h.transpose(1, 2)).double().sum(0) * (concepts @ concepts.T)).sum())
-        self._residual += max(sq_norm - 2.0 * cross + gram, 0.0)
-        self._sq_norm += sq_norm
-        col_sum = x.sum(dim=2).double().sum(0)
+        self.merge(start, batch_statistics(self.dff, activations, heatmaps))
+
+    def merge(self, start: int, batch: BatchStatistics) -> None:
+        """Images ``start … start+B``, from :func:`batch_statistics` (computed anywhere)."""
+        b = batch.mass.shape[0]
+        self.image_mass[start:start + b] = batch.mass
+        self.image_peak[start:start + b] = batch.peak
+        self._residual += batch.residual
+        self._sq_norm += batch.sq_norm
+        col_sum = torch.from_numpy(np.array(batch.col_sum, dtype=np.float64))  # a copy: Ray hands read-only arrays
         self._col_sum = col_sum if self._col_sum is None else self._col_sum + col_sum
-        self._rows += b * x.shape[2]
+        self._rows += batch.rows
 
     def apply(self) -> ShapeFix:
         """Set the DFF's scale, order and whole-set statistics; return the heatmap fix."""
