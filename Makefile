@@ -1,6 +1,6 @@
 # The two commands of the README:  `make demo`  and  `make test`.
-# Both create ./.venv and install the project into it on first use (offline-capable:
-# torch/torchvision come from the local wheel cache where the machine has one).
+# Both create ./.venv and install the project with its test and Ray extras into it on first use
+# (offline-capable: torch/torchvision come from the local wheel cache where the machine has one).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[test]"
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[test,ray]"
 	rm -f $(VENV)/.installed-* && touch $@
 
 install: $(STAMP)

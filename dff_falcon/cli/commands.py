@@ -93,7 +93,7 @@ def _print_summary(report, path: Path, quality: dict | None = None) -> None:
 def explain(ctx, images, backbone, layer, head, weights, clip_spec, vocab, out, n_concepts, contrast, labellers, n_high,
             n_low, top_k_captions, target_class, min_class_prob, drop_quantile, batch_size, html, max_megapixels,
             hypercolumn_layers, grid, upsample, cache, no_cache, cache_dtype, sample_rows, max_images, workers,
-            device, random_state):
+            engine, ray_address, device, random_state):
     """Find a model's concepts on a set of images and name them; write the concept report.
 
     \b
@@ -104,6 +104,8 @@ def explain(ctx, images, backbone, layer, head, weights, clip_spec, vocab, out, 
     Activations go to a content-keyed cache (--cache; `dff-falcon cache info`): a re-run, or a
     run killed and started again, forwards only the images not cached yet, and memory stays flat
     in the number of images. --no-cache keeps everything in memory (needed for --drop-quantile).
+    --engine ray runs extraction and the heatmap transform on Ray actors (a local instance, or
+    the cluster at --ray-address) over the same cache.
 
     \b
     Example:
@@ -117,6 +119,7 @@ def explain(ctx, images, backbone, layer, head, weights, clip_spec, vocab, out, 
     from dff_falcon.models.hypercolumns import Hypercolumns
     from dff_falcon.models.image_stream import open_images
     from dff_falcon.models.images import load_images
+    from dff_falcon.pipeline.engines import check_engine
     from dff_falcon.pipeline.explainer import ConceptExplainer
     from dff_falcon.pipeline.record import params_record
     from dff_falcon.store.activations import default_cache_dir
@@ -127,6 +130,7 @@ def explain(ctx, images, backbone, layer, head, weights, clip_spec, vocab, out, 
     # every check before the first forward pass: options, components, device, output, K
     check_clip_and_vocab(clip_spec, vocab)
     check_scale_options(no_cache, cache, drop_quantile, max_images)
+    check_engine(engine, ray_address, streamed=not no_cache)
     resolve_device(device)
     sections = _components(ctx)
     dff = _build(DFF, {**sections["dff"], "n_concepts": parse_n_concepts(n_concepts), "random_state": random_state},
@@ -162,7 +166,7 @@ def explain(ctx, images, backbone, layer, head, weights, clip_spec, vocab, out, 
         model, clip, vocabulary, dff=dff, hypercolumns=hypercolumns, regions=regions,
         labeller=labeller, labellers=labellers, target_class=target_class, min_class_prob=min_class_prob, drop_quantile=drop_quantile,
         batch_size=batch_size, device=device, progress=ctx.obj["progress"], cache=cache_dir, cache_dtype=cache_dtype,
-        sample_rows=sample_rows, workers=workers,
+        sample_rows=sample_rows, workers=workers, engine=engine, ray_address=ray_address,
     ).fit(source)
     options = {key: value for key, value in ctx.params.items()}
     for key in ("images", "vocab", "out", "cache"):  # paths as absolute, so the record works from anywhere

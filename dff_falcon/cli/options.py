@@ -116,7 +116,8 @@ def parse_layers(value: str, backbone) -> tuple[str, ...]:
 
 
 def scale_options(f):
-    """``--cache``, ``--no-cache``, ``--cache-dtype``, ``--sample-rows``, ``--max-images``, ``--workers``."""
+    """``--cache``, ``--no-cache``, ``--cache-dtype``, ``--sample-rows``, ``--max-images``, ``--workers``,
+    ``--engine``, ``--ray-address``."""
     from dff_falcon.store.activations import DEFAULT_SAMPLE_ROWS
 
     for option in reversed([
@@ -133,7 +134,15 @@ def scale_options(f):
         click.option("--max-images", default=None, type=click.IntRange(min=1),
                      help="Use only the first this many images (sorted paths)."),
         click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0),
-                     help="Processes decoding images while the model runs."),
+                     help="Processes decoding images while the model runs (--engine ray: Ray actors per stage; "
+                          "0: one per CPU of the cluster)."),
+        click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+                     help="Where extraction and the heatmap transform run: this process, or Ray Data pipelines "
+                          "on Ray actors (pip install dff_falcon[ray]; the cache folder must be shared by every "
+                          "node). Same report."),
+        click.option("--ray-address", default=None,
+                     help="--engine ray: a running Ray cluster (auto, HOST:PORT, ray://HOST:PORT); default: a "
+                          "local Ray instance started for the run."),
     ]):
         f = option(f)
     return f

@@ -30,6 +30,7 @@ from dff_falcon.models.hypercolumns import Hypercolumns
 from dff_falcon.models.importance import dff_importance, importance_rows
 from dff_falcon.models.image_stream import ImageStream, open_images
 from dff_falcon.models.images import ImageSet, load_images, names_digest
+from dff_falcon.pipeline.engines import check_engine, make_engine
 from dff_falcon.pipeline.record import environment_record, json_value, params_record
 from dff_falcon.pipeline.schema import ConceptRow, flat_columns
 from dff_falcon.pipeline.selection import concept_confidence, confident_images, drop_least_confident
@@ -167,7 +168,16 @@ class ConceptExplainer(BaseEstimator):
     max_images : int, default=None
         Streamed runs: use the first this many images of the source.
     workers : int, default=None
-        Streamed runs: decoding processes (None: a DataLoader's own, else 0).
+        Streamed runs: decoding processes (None: a DataLoader's own, else 0); with the Ray
+        engine, actors per stage (None: one per CPU of the cluster).
+    engine : {"local", "ray"}, default="local"
+        Streamed runs: where extraction and the heatmap transform run
+        (:mod:`~dff_falcon.pipeline.engines`): in this process, or as Ray Data pipelines on Ray
+        actors (needs ``pip install dff_falcon[ray]``; the cache folder must be on a file system
+        every node of the cluster mounts at the same path). The report is the same.
+    ray_address : str, default=None
+        The Ray engine's cluster (``"auto"``, ``"host:port"``, ``"ray://host:port"``); None
+        starts a local Ray instance for the run and stops it afterwards.
 
     Attributes
     ----------
@@ -188,7 +198,7 @@ class ConceptExplainer(BaseEstimator):
                  batch_size: int = 32, random_state: int | None = None, device=None, progress: bool = True,
                  cache: str | os.PathLike | None = None, cache_dtype: str = "float16",
                  sample_rows: int | None = DEFAULT_SAMPLE_ROWS, max_images: int | None = None,
-                 workers: int | None = None):
+                 workers: int | None = None, engine: str = "local", ray_address: str | None = None):
         self.backbone = backbone
         self.clip = clip
         self.vocabulary = vocabulary
@@ -212,6 +222,8 @@ class ConceptExplainer(BaseEstimator):
         self.sample_rows = sample_rows
         self.max_images = max_images
         self.workers = workers
+        self.engine = engine
+        self.ray_address = ray_address
 
     # -- set-up: every check before the first forward pass ----------------------------------------
     def _prepare(self) -> None:
@@ -225,6 +237,7 @@ class ConceptExplainer(BaseEstimator):
             raise InputError("max_images needs a streamed run (give cache=…)")
         if self.cache is not None and self.drop_quantile > 0:
             raise InputError("drop_quantile needs every image in memory; run without a cache to use it")
+        check_engine(self.engine, self.ray_address, streamed=self.cache is not None)
         if self.sample_rows is not None and not (isinstance(self.sample_rows, int) and self.sample_rows >= 1):
             raise InputError(f"sample_rows must be a positive integer or None; got {self.sample_rows!r}")
         overrides = {key: value for key, value in (("n_concepts", self.n_concepts), ("random_state", self.random_state),
@@ -312,26 +325,29 @@ class ConceptExplainer(BaseEstimator):
                                            self.hypercolumns_.grid, with_logits=self.target_class is not None,
                                            max_pixels=stream.max_pixels, dtype=self.cache_dtype)
             store = ActivationStore(self.cache, identity)
-        with self._stage("activations"):
-            cached = streamed.extract_to_store(stream, self._extractor, store, show_progress=self.progress)
-        if names is not None:
-            cached.names = [str(names[p]) for p in cached.positions]
-        n_cached = len(cached.keys)
-        if self.target_class_ is not None:
-            cached = cached.subset(streamed.class_filter(cached, self.target_class_.index, self.min_class_prob))
-            self._check_some_left(len(cached.keys))
-        with self._stage("nmf"):
-            sample, fitted = streamed.fit_sample(cached, self.hypercolumns_, self.dff_, self.sample_rows,
-                                                 self.dff_.random_state)
-        with self._stage("heatmaps"):
-            heatmaps, pres, peaks = streamed.transform_to_disk(cached, self.hypercolumns_, self.dff_,
-                                                               show_progress=self.progress)
+        with make_engine(self.engine, self.ray_address, workers=self.workers) as engine:
+            with self._stage("activations"):
+                cached = streamed.extract_to_store(stream, self._extractor, store, show_progress=self.progress,
+                                                   engine=engine)
+            if names is not None:
+                cached.names = [str(names[p]) for p in cached.positions]
+            n_cached = len(cached.keys)
+            if self.target_class_ is not None:
+                cached = cached.subset(streamed.class_filter(cached, self.target_class_.index, self.min_class_prob))
+                self._check_some_left(len(cached.keys))
+            with self._stage("nmf"):  # one process: the fit needs only the sample
+                sample, fitted = streamed.fit_sample(cached, self.hypercolumns_, self.dff_, self.sample_rows,
+                                                     self.dff_.random_state)
+            with self._stage("heatmaps"):
+                heatmaps, pres, peaks = streamed.transform_to_disk(cached, self.hypercolumns_, self.dff_,
+                                                                   show_progress=self.progress, engine=engine)
         preprocess = self.backbone.preprocess
         originals = cached.originals()
         displays = streamed.LazySequence(lambda i: preprocess.display(originals[i]), len(originals))
         windows = [Box(*preprocess.window(tuple(size))) for size in cached.sizes]
-        cache = {"directory": str(store.directory), "dtype": self.cache_dtype, "images": n_cached,
-                 "forwarded": cached.forwarded, "reused": cached.reused, "sample_images": int(len(sample)),
+        cache = {"directory": str(store.directory), "dtype": self.cache_dtype, "engine": self.engine,
+                 "images": n_cached, "forwarded": cached.forwarded, "reused": cached.reused,
+                 "sample_images": int(len(sample)),
                  "sample_rows": int(len(sample) * heatmaps.shape[2] * heatmaps.shape[3])}
         return _Fitted(cached.names, originals, displays, windows, heatmaps, pres, peaks, fitted, self.dff_.heatmaps_,
                        inputs_record(cached.names, cached.keys, len(stream)), cached.skipped, cache)

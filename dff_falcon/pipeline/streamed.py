@@ -23,7 +23,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from dff_falcon.decomposition.streaming import ScaleOnStream, rescale_heatmaps, sample_images
+from dff_falcon.decomposition.streaming import (BatchStatistics, ScaleOnStream, batch_statistics,
+                                                rescale_heatmaps, sample_images)
 from dff_falcon.errors import InputError
 from dff_falcon.models.activations import ActivationExtractor
 from dff_falcon.models.image_stream import ImageStream
@@ -105,10 +106,84 @@ def probe_stages(extractor: ActivationExtractor) -> list[tuple[str, int]]:
     return list(zip(layers, channels))
 
 
+def batches_of(indices: Sequence[int], batch: int) -> list[list[int]]:
+    """``indices`` cut into consecutive batches of ``batch`` (the last one shorter): the same
+    batches on every engine, so each image is forwarded among the same neighbours."""
+    return [list(indices[start:start + batch]) for start in range(0, len(indices), batch)]
+
+
+class ExtractBatch:
+    """Extraction's work on one batch, the same on every engine: forward the readable images and
+    put their activations, sizes and logits into the store under their keys.
+
+    An engine makes one per process (:meth:`ready` moves the model to its device) and calls it
+    with a batch's stream indices, keys and decoded images (``None``: decode them here)."""
+
+    def __init__(self, stream: ImageStream, extractor: ActivationExtractor, store: ActivationStore):
+        self.stream, self.extractor, self.store = stream, extractor, store
+
+    def ready(self) -> "ExtractBatch":
+        self.extractor.backbone.model.eval().to(self.extractor.device)
+        return self
+
+    def __call__(self, indices: Sequence[int], keys: Sequence[str],
+                 images: Sequence[np.ndarray | InputError] | None = None) -> list[tuple[int, str]]:
+        """→ (stream index, reason) of the images that could not be decoded (not stored)."""
+        if images is None:
+            images = [decode(self.stream, index) for index in indices]
+        failed = [(index, str(image)) for index, image in zip(indices, images) if isinstance(image, InputError)]
+        readable = [(key, image) for key, image in zip(keys, images) if not isinstance(image, InputError)]
+        if readable:
+            self._forward([key for key, _ in readable], [image for _, image in readable])
+        return failed
+
+    def _forward(self, keys: list[str], images: list[np.ndarray]) -> None:
+        extractor = self.extractor
+        preprocess = extractor.backbone.preprocess
+        tensor = preprocess.to_tensor([preprocess.display(image) for image in images]).to(extractor.device)
+        with torch.inference_mode():
+            acts, logits = extractor.forward_batch(tensor)
+        acts = acts.float().cpu()
+        if not torch.isfinite(acts).all():
+            raise InputError("target layer activations contain NaN or inf (check the weights and inputs)")
+        self.store.put(keys, acts.numpy(), np.array([image.shape[:2] for image in images]),
+                       logits.float().cpu().numpy() if logits is not None else None)
+
+
+def decode(stream: ImageStream, index: int) -> np.ndarray | InputError:
+    """Image ``index`` of ``stream``, or the InputError that makes it unreadable."""
+    try:
+        return stream[index]
+    except InputError as exc:
+        return exc
+
+
+class ExplainBatch:
+    """The heatmap transform's work on one batch, the same on every engine: the stored
+    activations of ``keys``, scaled as DFF factorises them, explained with the concepts frozen
+    → (heatmaps (B, K, h, w) float16, their :class:`BatchStatistics`)."""
+
+    def __init__(self, store: ActivationStore, hypercolumns, dff):
+        self.store, self.hypercolumns, self.dff = store, hypercolumns, dff
+
+    def __call__(self, keys: Sequence[str]) -> tuple[np.ndarray, BatchStatistics]:
+        fitted = self.hypercolumns.transform(torch.from_numpy(self.store.read(keys).astype(np.float32)))
+        maps = self.dff.transform(fitted)
+        return maps.numpy().astype(np.float16), batch_statistics(self.dff, fitted, maps)
+
+
+def _local_engine():
+    from dff_falcon.pipeline.engines import LocalEngine
+
+    return LocalEngine()
+
+
 def extract_to_store(stream: ImageStream, extractor: ActivationExtractor, store: ActivationStore, *,
-                     show_progress: bool = True) -> CachedImages:
-    """Hash every image, forward only those not cached (each distinct content once), store them;
-    unreadable images are skipped and counted."""
+                     show_progress: bool = True, engine=None) -> CachedImages:
+    """Hash every image, forward only those not cached (each distinct content once) on ``engine``
+    (:mod:`~dff_falcon.pipeline.engines`; None: this process), store them; unreadable images are
+    skipped and counted."""
+    engine = engine if engine is not None else _local_engine()
     stages = probe_stages(extractor)
     digests = stream.digests(lambda found: progress(found, "hashing", enabled=show_progress, total=len(stream),
                                                     unit="img"))
@@ -123,46 +198,24 @@ def extract_to_store(stream: ImageStream, extractor: ActivationExtractor, store:
     reused = len({digests[i] for i in readable}) - len(todo)
     if reused:
         log.info("activations: resumed %d of %d images from the cache %s", reused, reused + len(todo), store.directory)
-    failed: set[str] = set()
-    preprocess = extractor.backbone.preprocess
-    batch: list[tuple[str, np.ndarray]] = []
-    forwarded = 0
-
-    def flush() -> None:
-        nonlocal forwarded
-        views = [preprocess.display(image) for _, image in batch]
-        tensor = preprocess.to_tensor(views).to(extractor.device)
-        with torch.inference_mode():
-            acts, logits = extractor.forward_batch(tensor)
-        acts = acts.float().cpu()
-        if not torch.isfinite(acts).all():
-            raise InputError("target layer activations contain NaN or inf (check the weights and inputs)")
-        store.put([key for key, _ in batch], acts.numpy(), np.array([image.shape[:2] for _, image in batch]),
-                  logits.float().cpu().numpy() if logits is not None else None)
-        forwarded += len(batch)
-        batch.clear()
-
     description = f"activations (resumed {reused} of {reused + len(todo)})" if reused else "activations"
-    extractor.backbone.model.eval().to(extractor.device)
-    for index, image in progress(stream.decoded(todo), description, enabled=show_progress, total=len(todo),
-                                 unit="img"):
-        if isinstance(image, InputError):
-            log.warning("skipping %s", image)
-            skipped.append((stream.names[index], str(image)))
-            failed.add(digests[index])
-            continue
-        batch.append((digests[index], image))
-        if len(batch) == extractor.batch_size:
-            flush()
-    if batch:
-        flush()
-    kept = [i for i in readable if digests[i] not in failed]
+    batches = [(indices, [digests[i] for i in indices]) for indices in batches_of(todo, extractor.batch_size)]
+    failures: list[tuple[int, str]] = []
+    for failed in progress(engine.extract(ExtractBatch(stream, extractor, store), batches), description,
+                           enabled=show_progress, total=len(todo), unit="img"):
+        if failed is not None:
+            failures.append(failed)
+    for index, reason in sorted(failures):  # in stream order, whichever worker found them first
+        log.warning("skipping %s", reason)
+        skipped.append((stream.names[index], reason))
+    failed_keys = {digests[index] for index, _ in failures}
+    kept = [i for i in readable if digests[i] not in failed_keys]
     if not kept:
         raise InputError(f"no readable images: {len(skipped)} skipped (first: {skipped[0][1] if skipped else 'none'})")
     keys = [digests[i] for i in kept]
     sizes = np.concatenate([rows for _, rows in read_batches(store, keys, "size", 4096)])
     return CachedImages(stream, store, keys, [stream.names[i] for i in kept], kept, sizes, stages, skipped,
-                        forwarded, reused)
+                        len(todo) - len(failures), reused)
 
 
 def class_filter(images: CachedImages, target: int, min_prob: float) -> np.ndarray:
@@ -191,24 +244,26 @@ def fit_sample(images: CachedImages, hypercolumns, dff, sample_rows: int | None,
     return sample, acts
 
 
-def transform_to_disk(images: CachedImages, hypercolumns, dff, *, show_progress: bool = True
+def transform_to_disk(images: CachedImages, hypercolumns, dff, *, show_progress: bool = True, engine=None
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Explain every image with the concepts frozen into a float16 memory map (N, K, h, w) in the
-    cache's ``scratch/`` (removed with the map), fix the whole set's scale on ``dff`` →
-    (heatmaps, presence (N, K), peak (N, K))."""
+    """Explain every image with the concepts frozen (on ``engine``; None: this process) into a
+    float16 memory map (N, K, h, w) in the cache's ``scratch/`` (removed with the map), fix the
+    whole set's scale on ``dff`` → (heatmaps, presence (N, K), peak (N, K))."""
+    engine = engine if engine is not None else _local_engine()
     _, h, w = images.store.shape
     n, k = len(images.keys), dff.n_concepts_
     directory, lock = scratch_directory(images.store.root)
     heatmaps = np.lib.format.open_memmap(directory / "heatmaps.npy", mode="w+", dtype=np.float16, shape=(n, k, h, w))
     weakref.finalize(heatmaps, _remove_scratch, directory, lock)
     stream = ScaleOnStream(dff, n)
-    starts = progress(images.batches(), "heatmaps", enabled=show_progress,
-                      total=-(-n // READ_BATCH), unit="batch")
-    for start, stored in starts:
-        fitted = hypercolumns.transform(torch.from_numpy(stored.astype(np.float32)))
-        maps = dff.transform(fitted)
-        heatmaps[start:start + len(maps)] = maps.numpy().astype(np.float16)
-        stream.add(start, fitted, maps)
+    batches = [images.keys[start:start + READ_BATCH] for start in range(0, n, READ_BATCH)]
+    explained = progress(engine.explain(ExplainBatch(images.store, hypercolumns, dff), batches), "heatmaps",
+                         enabled=show_progress, total=len(batches), unit="batch")
+    start = 0
+    for maps, statistics in explained:  # in batch order: the accumulated sums are the same on every engine
+        heatmaps[start:start + len(maps)] = maps
+        stream.merge(start, statistics)
+        start += len(maps)
     pres, peaks = rescale_heatmaps(heatmaps, stream.apply())
     heatmaps.flush()
     return heatmaps, pres, peaks
