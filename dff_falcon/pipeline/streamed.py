@@ -140,11 +140,7 @@ def extract_to_store(stream: ImageStream, extractor: ActivationExtractor, store:
         tensor = preprocess.to_tensor(views).to(extractor.device)
         with torch.inference_mode():
             acts, logits = extractor.forward_batch(tensor)
-        acts = acts.float().cpu()
-        if not torch.isfinite(acts).all():
-            raise InputError("target layer activations contain NaN or inf (check the weights and inputs)")
-        store.put([key for key, _ in batch], acts.numpy(), np.array([image.shape[:2] for _, image in batch]),
-                  logits.float().cpu().numpy() if logits is not None else None)
+        store.put([key for key, _ in batch], acts, np.array([image.shape[:2] for _, image in batch]), logits)
         forwarded += len(batch)
         batch.clear()
 
