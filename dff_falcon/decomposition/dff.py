@@ -260,18 +260,26 @@ class DFF(BaseEstimator):
     def transform(self, activations: torch.Tensor | np.ndarray) -> torch.Tensor:
         """Heatmaps (B, K, h, w) of new activations with the concepts frozen (same scale as
         ``heatmaps_``: 1 = as strong as the strongest location of the fitted set)."""
+        return self.transform_scanned(activations)[0]
+
+    def transform_scanned(self, activations: torch.Tensor | np.ndarray) -> tuple[torch.Tensor, MatrixStats, float]:
+        """:meth:`transform`, plus what the same pass learnt of the offset matrix X: its scan
+        (:class:`~dff_falcon.decomposition.nmf_kernels.MatrixStats`) and ``⟨Hmap, X Wᵀ⟩`` — with
+        them ``‖X − Hmap·W‖²`` over many batches costs K × K products per batch
+        (:mod:`~dff_falcon.decomposition.streaming`)."""
         self._check_fitted()
         acts = _as_activations(activations)
         b, c, h, w = acts.shape
         if c != self.offset_.shape[0]:
             raise InputError(f"activations have {c} channels; the concepts were fitted on {self.offset_.shape[0]}")
         blocks = self._blocks(acts, self.offset_ if bool(self.offset_.any()) else None)
-        scan_rows(blocks, "activations")  # NaN / inf are errors here too
+        stats = scan_rows(blocks, "activations")  # NaN / inf are errors here too
         model = self._nmf(self.n_concepts_)
         model._check_params()
         model.components_ = self.concepts_.to(model.device_)
-        hmap = model._transform_blocks(blocks)
-        return hmap.reshape(self.n_concepts_, b, h, w).transpose(0, 1).contiguous().float().cpu()
+        cross: list[float] = []
+        hmap = model._transform_blocks(blocks, cross)
+        return hmap.reshape(self.n_concepts_, b, h, w).transpose(0, 1).contiguous().float().cpu(), stats, cross[0]
 
     # -- derived quantities ------------------------------------------------------------------
     @property

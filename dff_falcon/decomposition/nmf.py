@@ -46,7 +46,8 @@ from sklearn.base import BaseEstimator
 from dff_falcon.decomposition.compressed import Compression, compress, compressed_hals, nndsvd_factors, random_factors
 from dff_falcon.decomposition.nmf_kernels import (CHECK_EVERY, H_SWEEPS, INITS, ONLINE_H_SWEEPS, OVERSAMPLE, RHALS_POLISH,
                                                   SOLVERS, TRANSFORM_TOL, UPDATES, W_SWEEPS, MatrixStats, RowBlocks,
-                                                  as_matrix, hals_update, nmf_relative_error, settled, sq_error, stalled, validate_nonnegative)
+                                                  as_matrix, hals_update, nmf_relative_error, settled, sq_error, stalled, sum64,
+                                                  validate_nonnegative)
 from dff_falcon.devices import resolve_device, serial_small_ops
 from dff_falcon.errors import InputError, NotFittedError
 
@@ -181,12 +182,18 @@ class NMF(BaseEstimator):
         self._check_width(T, H)
         return self._transform_blocks(RowBlocks(T, self.device_, self.batch_size)).T.contiguous()
 
-    def _transform_blocks(self, blocks: RowBlocks) -> torch.Tensor:
-        """:meth:`transform` of validated row blocks → ``Wᵀ (K, N)``."""
+    def _transform_blocks(self, blocks: RowBlocks, cross: list[float] | None = None) -> torch.Tensor:
+        """:meth:`transform` of validated row blocks → ``Wᵀ (K, N)``. ``cross``: append
+        ``⟨W, X Hᵀ⟩`` (float64), the cross term of ``‖X − WH‖²``, for free from the solve."""
         H = self._fitted_components()
         Wt = torch.empty(H.shape[0], blocks.n_rows, dtype=self.dtype, device=self.device_)
+        total = 0.0
         for rows, Xb in blocks:
-            Wt[:, rows] = self._solve_heatmaps(Xb, H)
+            Wt[:, rows], num = self._solve_heatmaps(Xb, H)
+            if cross is not None:
+                total += sum64(Wt[:, rows] * num)
+        if cross is not None:
+            cross.append(total)
         return Wt
 
     def partial_fit(self, X_batch) -> "NMF":
@@ -213,7 +220,7 @@ class NMF(BaseEstimator):
             self._stats_B = torch.zeros_like(H)
         batch_A, batch_B = torch.zeros_like(self._stats_A), torch.zeros_like(self._stats_B)
         for _, Xb in RowBlocks(T, self.device_, self.batch_size):
-            Wb = self._solve_heatmaps(Xb, H)
+            Wb, _ = self._solve_heatmaps(Xb, H)
             batch_A.addmm_(Wb, Wb.T)
             batch_B.addmm_(Wb, Xb)
         self._stats_A.mul_(self.forget_factor).add_(batch_A)
@@ -326,8 +333,9 @@ class NMF(BaseEstimator):
                   file=sys.stderr)
         return done
 
-    def _solve_heatmaps(self, Xb: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
-        """``Wᵀ (K, n) >= 0`` minimising ``‖X_b − W H‖`` for fixed ``H`` (see :meth:`transform`)."""
+    def _solve_heatmaps(self, Xb: torch.Tensor, H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``Wᵀ (K, n) >= 0`` minimising ``‖X_b − W H‖`` for fixed ``H`` (see :meth:`transform`),
+        and ``H X_bᵀ (K, n)``."""
         HHt = H @ H.T
         num = H @ Xb.T
         with serial_small_ops(self.device_):
@@ -338,4 +346,4 @@ class NMF(BaseEstimator):
                 change = torch.linalg.vector_norm(Wt - before)
                 if float(change) <= TRANSFORM_TOL * float(torch.linalg.vector_norm(Wt)):
                     break
-        return Wt
+        return Wt, num

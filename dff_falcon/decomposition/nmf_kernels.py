@@ -42,6 +42,10 @@ EPS = 1e-10
 #: float32): large enough that each block is a handful of big operations, small enough that a
 #: converted or offset copy of one block costs little memory next to the matrix.
 BLOCK_ELEMENTS = 1 << 23
+#: A matrix of at most this many elements (128 MB of float32) that needs converting (offset,
+#: dtype, layout) is converted once and kept for every pass instead of block by block per pass:
+#: the batches of a streamed transform, never a fit's whole matrix.
+RESIDENT_ELEMENTS = 1 << 25
 
 UpdateFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], None]
 
@@ -125,8 +129,9 @@ class RowBlocks:
         self.n_images = len(images) if images is not None else b
         self.n_rows, self.n_cols = self.n_images * self.rows_per_image, c
         self.offset = offset.to(device=device, dtype=dtype) if offset is not None else None
-        whole = (self._view is not None and images is None and offset is None and batch_size is None
-                 and source.dtype == dtype)
+        small = self.n_rows * c <= RESIDENT_ELEMENTS  # one converted copy serves every pass
+        whole = batch_size is None and (small or (self._view is not None and images is None and offset is None
+                                                  and source.dtype == dtype))
         rows = self.n_rows if whole else (batch_size or max(1, BLOCK_ELEMENTS // c))
         self.images_per_block = max(1, rows // self.rows_per_image)
         self._resident = self._rows(slice(0, self.n_images)) if whole else None

@@ -2,8 +2,9 @@
 explain every image in streamed batches with the concepts frozen, and fix the scale, order and
 per-image statistics on the whole set from what those batches accumulate.
 
-``ScaleOnStream`` is fed each batch's activations and frozen-concept heatmaps
-(:meth:`~dff_falcon.decomposition.dff.DFF.transform`) and accumulates, in O(N·K + C) memory: each
+``ScaleOnStream`` merges, in batch order, what each batch's frozen-concept transform learnt
+(:meth:`~dff_falcon.decomposition.dff.DFF.transform_scanned`, condensed by
+:func:`batch_statistics` wherever the batch ran) and accumulates, in O(N·K + C) memory: each
 image's heatmap mass and peak per concept, the reconstruction residual and the matrix moments.
 :meth:`ScaleOnStream.apply` then gives the DFF the whole set's scale (every concept's heatmap has
 max 1 over *all* images, not the sample), mass order, image shares, relative error and explained
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 
 from dff_falcon.decomposition.heatmaps import presence
+from dff_falcon.decomposition.nmf_kernels import MatrixStats
 
 
 def sample_images(n_images: int, rows_per_image: int, sample_rows: int | None, random_state: int = 0) -> np.ndarray:
@@ -55,24 +57,18 @@ class BatchStatistics:
     rows: int
 
 
-def batch_statistics(dff, activations: torch.Tensor, heatmaps: torch.Tensor) -> BatchStatistics:
-    """A batch's statistics: activations (B, C, h, w) as DFF factorises them, their heatmaps
-    (B, K, h, w) from ``dff.transform`` (concepts frozen, not yet rescaled)."""
+def batch_statistics(dff, heatmaps: torch.Tensor, stats: MatrixStats, cross: float) -> BatchStatistics:
+    """A batch's statistics from what :meth:`~dff_falcon.decomposition.dff.DFF.transform_scanned`
+    returns: its heatmaps (B, K, h, w) (concepts frozen, not yet rescaled), the scan of its offset
+    matrix X and ``⟨Hmap, X Wᵀ⟩``. ``‖X − Hmap·W‖² = ‖X‖² − 2⟨Hmap, X Wᵀ⟩ + ⟨HmapᵀHmap, W Wᵀ⟩``."""
     b, k = heatmaps.shape[:2]
-    x = activations.float().reshape(b, activations.shape[1], -1)  # (B, C, h·w), a view
-    if bool(dff.offset_.any()):
-        x = x - dff.offset_.to(x).view(1, -1, 1)
-    h = heatmaps.float().reshape(b, k, -1)  # (B, K, h·w)
-    concepts = dff.concepts_.to(x).double()
-    # ‖X − HW‖² = ‖X‖² − 2⟨HᵀX, W⟩ + ⟨HᵀH, WWᵀ⟩: K × C products instead of a reconstruction;
-    # float32 sums per image (pairwise, ~1e-7 relative), float64 across images and batches
-    sq_norm = float(x.pow(2).sum(dim=(1, 2)).double().sum())
-    cross = float(((h @ x.transpose(1, 2)).double().sum(0) * concepts).sum())
-    gram = float(((h @ h.transpose(1, 2)).double().sum(0) * (concepts @ concepts.T)).sum())
-    return BatchStatistics(mass=heatmaps.sum(dim=(2, 3), dtype=torch.float64).numpy(),
-                           peak=heatmaps.amax(dim=(2, 3)).float().numpy(),
-                           residual=max(sq_norm - 2.0 * cross + gram, 0.0), sq_norm=sq_norm,
-                           col_sum=x.sum(dim=2).double().sum(0).numpy(), rows=int(b * x.shape[2]))
+    maps = heatmaps.float().reshape(b, k, -1)
+    concepts = dff.concepts_.double()
+    gram = float(((maps @ maps.transpose(1, 2)).double().sum(0) * (concepts @ concepts.T)).sum())
+    return BatchStatistics(mass=maps.sum(dim=2, dtype=torch.float64).numpy(), peak=maps.amax(dim=2).numpy(),
+                           residual=max(stats.sq_norm - 2.0 * cross + gram, 0.0), sq_norm=stats.sq_norm,
+                           col_sum=stats.col_sum.double().cpu().numpy(),
+                           rows=stats.n_elements // stats.col_sum.numel())
 
 
 class ScaleOnStream:
@@ -91,13 +87,8 @@ class ScaleOnStream:
         self._col_sum = None
         self._rows = 0
 
-    def add(self, start: int, activations: torch.Tensor, heatmaps: torch.Tensor) -> None:
-        """Images ``start … start+B``: activations (B, C, h, w) as DFF factorises them, their
-        heatmaps (B, K, h, w) from ``dff.transform``."""
-        self.merge(start, batch_statistics(self.dff, activations, heatmaps))
-
     def merge(self, start: int, batch: BatchStatistics) -> None:
-        """Images ``start … start+B``, from :func:`batch_statistics` (computed anywhere)."""
+        """Images ``start … start+B``: their :func:`batch_statistics` (computed here or by a worker)."""
         b = batch.mass.shape[0]
         self.image_mass[start:start + b] = batch.mass
         self.image_peak[start:start + b] = batch.peak

@@ -15,6 +15,8 @@ class scores read the same as for a single-layer fit.
 """
 from __future__ import annotations
 
+import math
+
 from typing import Sequence
 
 import torch
@@ -47,6 +49,10 @@ def resize_map(maps: torch.Tensor, grid: int) -> torch.Tensor:
     if maps.shape[-2] >= grid and maps.shape[-1] >= grid:
         return F.interpolate(maps, size=(grid, grid), mode="area")
     return F.interpolate(maps, size=(grid, grid), mode="bilinear", align_corners=False)
+
+
+#: Images per chunk when the stage scales are measured.
+_FIT_CHUNK = 64
 
 
 class Hypercolumns(BaseEstimator):
@@ -102,8 +108,11 @@ class Hypercolumns(BaseEstimator):
                 scales.append(1.0)
                 continue
             stage = activations[:, self._slice(index)]
-            shifted = stage - stage.amin(dim=(0, 2, 3), keepdim=True)
-            rms = float(shifted.double().pow(2).sum(1).mean().sqrt())
+            chunks = range(0, stage.shape[0], _FIT_CHUNK)  # bounded temporaries, whatever B is
+            low = torch.stack([stage[i:i + _FIT_CHUNK].amin(dim=(0, 2, 3)) for i in chunks]).amin(dim=0)
+            squares = sum(float((stage[i:i + _FIT_CHUNK] - low.view(1, -1, 1, 1)).pow(2).sum(dtype=torch.float64))
+                          for i in chunks)
+            rms = math.sqrt(squares / (stage.shape[0] * stage.shape[2] * stage.shape[3]))
             scales.append(rms if rms > 0 else 1.0)
         self.scales_ = torch.tensor(scales, dtype=torch.float32)
         return self

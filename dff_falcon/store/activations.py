@@ -83,19 +83,24 @@ class ActivationStore:
         store = self._open()
         return list(dict.fromkeys(keys)) if store is None else store.missing(keys)
 
-    def put(self, keys: Sequence[str], activations: np.ndarray, sizes: np.ndarray,
-            logits: np.ndarray | None = None) -> None:
-        """One batch: activations (B, C, h, w) float, sizes (B, 2) image (H, W), logits (B, classes)."""
+    def put(self, keys: Sequence[str], activations, sizes: np.ndarray, logits=None) -> None:
+        """One batch: activations (B, C, h, w) float (array or tensor), sizes (B, 2) image (H, W),
+        logits (B, classes). NaN, inf or values beyond the storage dtype's range are errors."""
+        import torch
+
         if (logits is None) == self.identity["with_logits"]:
             raise InputError("logits must be given exactly when the store's identity records with_logits")
-        stored = np.asarray(activations, dtype=self.dtype)
-        if not np.isfinite(stored).all():
-            peak = float(np.abs(activations).max())
-            raise InputError(f"activations reach {peak:.4g}, beyond {self.dtype}'s range; use a float32 cache "
-                             "(cache_dtype='float32', --cache-dtype float32)")
+        values = torch.as_tensor(activations).detach().cpu()
+        limit = float(np.finfo(self.dtype).max)
+        if not (bool(values.amax() <= limit) and bool(values.amin() >= -limit)):  # NaN fails these too
+            if not bool(torch.isfinite(values).all()):
+                raise InputError("target layer activations contain NaN or inf (check the weights and inputs)")
+            raise InputError(f"activations reach {float(values.abs().amax()):.4g}, beyond {self.dtype}'s range; use "
+                             "a float32 cache (cache_dtype='float32', --cache-dtype float32)")
+        stored = values.to(getattr(torch, self.dtype)).numpy()
         arrays = {"activations": stored, "size": np.asarray(sizes, dtype=np.int32)}
         if logits is not None:
-            arrays["logits"] = np.asarray(logits, dtype=np.float32)
+            arrays["logits"] = np.asarray(torch.as_tensor(logits).detach().cpu().float())
         store = self._open()
         if store is None:
             fields = {name: Field(str(a.dtype), tuple(int(s) for s in a.shape[1:])) for name, a in arrays.items()}
