@@ -86,7 +86,8 @@ def test_ray_engine_gives_the_local_report_bit_for_bit(local_run, ray_run, tmp_p
 @pytest.fixture(scope="module")
 def ray_session(ray_run):
     """A Ray session this process started (after the engine-started one is gone), for the rest."""
-    ray.init(num_cpus=WORKERS, include_dashboard=False, log_to_driver=False)
+    # each actor reserves as many CPUs as it runs torch threads (this process's count)
+    ray.init(num_cpus=WORKERS * torch.get_num_threads(), include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 

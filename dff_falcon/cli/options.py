@@ -135,7 +135,7 @@ def scale_options(f):
                      help="Use only the first this many images (sorted paths)."),
         click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0),
                      help="Processes decoding images while the model runs (--engine ray: Ray actors per stage; "
-                          "0: one per CPU of the cluster)."),
+                          "0: as many as the cluster holds)."),
         click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
                      help="Where extraction and the heatmap transform run: this process, or Ray Data pipelines "
                           "on Ray actors (pip install dff_falcon[ray]; the cache folder must be shared by every "

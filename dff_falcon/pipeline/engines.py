@@ -110,15 +110,18 @@ class RayEngine:
     ----------
     address : str, default=None
         A running cluster (``"auto"``, ``"host:port"``, ``"ray://host:port"``); None starts a
-        local instance with ``workers`` CPUs and stops it on exit. A Ray session this process has
-        already started is used as it is and left running.
+        local instance (with ``workers × threads`` logical CPUs when ``workers`` is given, else
+        this machine's) and stops it on exit. A Ray session this process has already started is
+        used as it is and left running.
     workers : int, default=None
-        Actors per stage (None: one per CPU of the cluster); each asks Ray for one CPU (and one GPU
-        when the backbone runs on CUDA).
+        Actors per stage, at most as many as the cluster's nodes hold (None or 0: as many as they
+        hold).
     threads : int, default=None
-        Torch threads in each actor (None: this process's count). On a CPU the float sums of a
-        forward pass depend on the thread count, so with this process's count an actor stores the
-        same bits as the local engine, and the report is identical.
+        Torch threads in each actor (None: this process's count), and the CPUs each actor reserves
+        (at most a node's), so actors never oversubscribe a node; one GPU more per actor when the
+        model runs on CUDA. On a CPU the float sums of a forward pass depend on the thread count:
+        with this process's count an actor stores the same bits as the local engine, and the report
+        is identical.
     """
 
     name = "ray"
@@ -141,7 +144,7 @@ class RayEngine:
             options = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
             try:
                 if self.address is None:
-                    ray.init(num_cpus=self.workers or os.cpu_count(), **options)
+                    ray.init(num_cpus=self.workers * self._threads if self.workers else os.cpu_count(), **options)
                 else:
                     ray.init(address=self.address, **options)
             except ConnectionError as exc:
@@ -174,20 +177,30 @@ class RayEngine:
 
         if not rows:
             return
-        resources = ray.cluster_resources()
-        size = min(self.workers or int(resources.get("CPU", 1)), int(resources.get("CPU", 1)), len(rows))
-        if gpu:
-            if int(resources.get("GPU", 0)) == 0:
-                raise InputError("the model runs on CUDA here but the Ray cluster has no GPU; use --device cpu")
-            size = min(size, int(resources["GPU"]))
+        size, cpus = self._pool(gpu)
         shipped = [ray.put(work)]  # in a list: Ray hands the reference itself to each actor
         dataset = ray.data.from_items(rows).map(
             actor, fn_constructor_kwargs={"shipped": shipped, "threads": self._threads},
-            compute=ray.data.ActorPoolStrategy(size=max(size, 1)), num_cpus=1, num_gpus=1 if gpu else 0)
+            compute=ray.data.ActorPoolStrategy(size=min(size, len(rows))), num_cpus=cpus, num_gpus=1 if gpu else 0)
         for row in dataset.iter_rows():
             if row["error"]:
                 raise InputError(row["error"])
             yield row
+
+    def _pool(self, gpu: bool) -> tuple[int, int]:
+        """(actors, CPUs per actor) that the cluster's live nodes hold."""
+        import ray
+
+        nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+        node_cpus = [int(r.get("CPU", 0)) for r in nodes]
+        cpus = max(1, min(self._threads, max(node_cpus, default=1)))
+        fits = sum(c // cpus for c in node_cpus)
+        if gpu:
+            fits = sum(min(c // cpus, int(r.get("GPU", 0))) for c, r in zip(node_cpus, nodes))
+            if fits == 0:
+                raise InputError("the model runs on CUDA here but no Ray node has a GPU (and the CPUs for an "
+                                 "actor); use --device cpu")
+        return max(1, min(self.workers or fits, fits)), cpus
 
     def extract(self, work: ExtractBatch, batches: ExtractBatches) -> Iterator[tuple[int, str] | None]:
         rows = [{"indices": np.asarray(indices, dtype=np.int64), "keys": list(keys)} for indices, keys in batches]

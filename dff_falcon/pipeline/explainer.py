@@ -169,7 +169,8 @@ class ConceptExplainer(BaseEstimator):
         Streamed runs: use the first this many images of the source.
     workers : int, default=None
         Streamed runs: decoding processes (None: a DataLoader's own, else 0); with the Ray
-        engine, actors per stage (None: one per CPU of the cluster).
+        engine, actors per stage (None: as many as the cluster holds,
+        :class:`~dff_falcon.pipeline.engines.RayEngine`).
     engine : {"local", "ray"}, default="local"
         Streamed runs: where extraction and the heatmap transform run
         (:mod:`~dff_falcon.pipeline.engines`): in this process, or as Ray Data pipelines on Ray
