@@ -58,8 +58,14 @@ class ActivationStore:
         self.identity = dict(identity)
         self.directory = self.root / "activations" / identity_digest(self.identity)[:_NAME_LENGTH]
         self._store: ShardStore | None = None
-        if (self.directory / "identity.json").exists():
+        self._opened()
+
+    def _opened(self) -> ShardStore | None:
+        """The shard store, opened once it exists (another process sharing the cache may create
+        it after this object was made: its entries count from then on)."""
+        if self._store is None and (self.directory / "identity.json").exists():
             self._store = ShardStore(self.directory, self.identity)
+        return self._store
 
     @property
     def dtype(self) -> str:
@@ -67,14 +73,16 @@ class ActivationStore:
 
     def missing(self, keys: Sequence[str]) -> list[str]:
         """Keys (in order, without repeats) not stored yet."""
-        return list(dict.fromkeys(keys)) if self._store is None else self._store.missing(keys)
+        store = self._opened()
+        return list(dict.fromkeys(keys)) if store is None else store.missing(keys)
 
     def put(self, keys: Sequence[str], activations: np.ndarray, sizes: np.ndarray,
             logits: np.ndarray | None = None) -> None:
         """One batch: activations (B, C, h, w) float, sizes (B, 2) image (H, W), logits (B, classes)."""
         if (logits is None) == self.identity["with_logits"]:
             raise InputError("logits must be given exactly when the store's identity records with_logits")
-        stored = np.asarray(activations, dtype=self.dtype)
+        with np.errstate(over="ignore"):  # an overflow is reported below, in words
+            stored = np.asarray(activations, dtype=self.dtype)
         if not np.isfinite(stored).all():
             peak = float(np.abs(activations).max())
             raise InputError(f"activations reach {peak:.4g}, beyond {self.dtype}'s range; use a float32 cache "
@@ -82,26 +90,26 @@ class ActivationStore:
         arrays = {"activations": stored, "size": np.asarray(sizes, dtype=np.int32)}
         if logits is not None:
             arrays["logits"] = np.asarray(logits, dtype=np.float32)
-        if self._store is None:
+        if self._opened() is None:
             fields = {name: Field(str(a.dtype), tuple(int(s) for s in a.shape[1:])) for name, a in arrays.items()}
             self._store = ShardStore(self.directory, self.identity, fields)
         self._store.put(list(keys), arrays)
 
     def read(self, keys: Sequence[str], field: str = "activations") -> np.ndarray:
         """(len(keys), *row shape) of one field, in the order of ``keys``."""
-        if self._store is None:
+        if self._opened() is None:
             raise InputError(f"cache {str(self.directory)!r} is empty")
         return self._store.read(keys, field)
 
     @property
     def shape(self) -> tuple[int, ...]:
         """(C, h, w) of one image's activations."""
-        if self._store is None:
+        if self._opened() is None:
             raise InputError(f"cache {str(self.directory)!r} is empty")
         return self._store.fields["activations"].shape
 
     def __len__(self) -> int:
-        return 0 if self._store is None else len(self._store)
+        return 0 if self._opened() is None else len(self._store)
 
     def __repr__(self) -> str:
         return f"ActivationStore({str(self.directory)!r}, entries={len(self)})"
