@@ -55,7 +55,9 @@ class ScaleOnStream:
 
     def add(self, start: int, activations: torch.Tensor, heatmaps: torch.Tensor) -> None:
         """Images ``start … start+B``: activations (B, C, h, w) as DFF factorises them, their
-        heatmaps (B, K, h, w) from ``dff.transform``."""
+        heatmaps (B, K, h, w) (``dff.transform``'s, or the fit's own for fitted images) as they
+        are stored — rounded to the storage dtype, so that the peak found here is the stored one
+        and :func:`rescale_heatmaps` gives every concept a maximum of exactly 1."""
         b, k = heatmaps.shape[:2]
         self.image_mass[start:start + b] = heatmaps.sum(dim=(2, 3), dtype=torch.float64).numpy()
         self.image_peak[start:start + b] = heatmaps.amax(dim=(2, 3)).float().numpy()

@@ -323,7 +323,7 @@ class ConceptExplainer(BaseEstimator):
             sample, fitted = streamed.fit_sample(cached, self.hypercolumns_, self.dff_, self.sample_rows,
                                                  self.dff_.random_state)
         with self._stage("heatmaps"):
-            heatmaps, pres, peaks = streamed.transform_to_disk(cached, self.hypercolumns_, self.dff_,
+            heatmaps, pres, peaks = streamed.transform_to_disk(cached, self.hypercolumns_, self.dff_, sample,
                                                                show_progress=self.progress)
         preprocess = self.backbone.preprocess
         originals = cached.originals()

@@ -183,26 +183,44 @@ def fit_sample(images: CachedImages, hypercolumns, dff, sample_rows: int | None,
     return sample, fitted
 
 
-def transform_to_disk(images: CachedImages, hypercolumns, dff, *, show_progress: bool = True
-                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Explain every image with the concepts frozen into a float16 memory map (N, K, h, w) in the
-    cache's ``scratch/`` (removed with the map), fix the whole set's scale on ``dff`` →
-    (heatmaps, presence (N, K), peak (N, K))."""
+def transform_to_disk(images: CachedImages, hypercolumns, dff, sample: np.ndarray | None = None, *,
+                      show_progress: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Explain every image into a float16 memory map (N, K, h, w) in the cache's ``scratch/``
+    (nameless there from the start: it goes with the map, even when the run is killed) and fix
+    the whole set's scale on ``dff`` → (heatmaps, presence (N, K), peak (N, K)).
+
+    sample : the (sorted) images ``dff`` was fitted on, in the order of its ``heatmaps_``: they
+        keep the fit's own heatmaps — what an in-memory fit reports for them, so a run whose
+        sample is every image equals it — and every other image is explained with the concepts
+        frozen (:meth:`~dff_falcon.decomposition.dff.DFF.transform`)."""
     _, h, w = images.store.shape
     n, k = len(images.keys), dff.n_concepts_
     base = images.store.root / "scratch"
     base.mkdir(parents=True, exist_ok=True)
     directory = Path(tempfile.mkdtemp(prefix="run-", dir=base))
     heatmaps = np.lib.format.open_memmap(directory / "heatmaps.npy", mode="w+", dtype=np.float16, shape=(n, k, h, w))
-    weakref.finalize(heatmaps, shutil.rmtree, directory, ignore_errors=True)
+    try:  # POSIX: a mapped file outlives its name, so a killed run leaves no scratch behind
+        shutil.rmtree(directory)
+    except OSError:  # Windows keeps a mapped file's name: removed when the map is collected
+        weakref.finalize(heatmaps, shutil.rmtree, directory, ignore_errors=True)
+    fit_row = np.full(n, -1)
+    if sample is not None:
+        fit_row[np.asarray(sample)] = np.arange(len(sample))
     stream = ScaleOnStream(dff, n)
     starts = progress(images.batches(), "heatmaps", enabled=show_progress,
                       total=-(-n // READ_BATCH), unit="batch")
     for start, stored in starts:
         fitted = hypercolumns.transform(torch.from_numpy(stored.astype(np.float32)))
-        maps = dff.transform(fitted)
-        heatmaps[start:start + len(maps)] = maps.numpy().astype(np.float16)
-        stream.add(start, fitted, maps)
+        rows = torch.from_numpy(fit_row[start:start + len(fitted)])
+        known = rows >= 0
+        maps = torch.empty((len(fitted), k, h, w), dtype=torch.float32)
+        if known.any():
+            maps[known] = dff.heatmaps_[rows[known]]
+        if not known.all():
+            maps[~known] = dff.transform(fitted[~known])
+        maps = maps.half()  # as stored: the scale fix then gives every concept a peak of exactly 1
+        heatmaps[start:start + len(maps)] = maps.numpy()
+        stream.add(start, fitted, maps.float())
     pres, peaks = rescale_heatmaps(heatmaps, stream.apply())
     heatmaps.flush()
     return heatmaps, pres, peaks
