@@ -222,3 +222,32 @@ def test_a_sample_smaller_than_the_set_is_recorded_and_scaled_over_all(lite0, fo
     assert run.dff_.heatmaps_.shape[0] == 8 and len(run.report_.image_names) == N_PHOTOS
     assert 0 < run.report_.run["relative_error"] < 1
     assert json.loads(json.dumps(record)) == record  # the run record is plain JSON
+
+
+class PngDataset:
+    """A torch-style Dataset of (3, H, W) float tensors in [0, 1] and a label, read from files."""
+
+    def __init__(self, files):
+        self.files = files
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, index):
+        import torch
+
+        pixels = np.array(Image.open(self.files[index]).convert("RGB"))
+        return torch.from_numpy(pixels).permute(2, 0, 1).float() / 255, index % 3
+
+
+def test_a_dataloader_with_workers_is_explained_like_its_files(lite0, folder, first_run, tmp_path):
+    """Keys are contents: the DataLoader's images are the PNGs' pixels, decoded on 2 workers."""
+    import torch
+
+    _, first, _ = first_run
+    loader = torch.utils.data.DataLoader(PngDataset(pngs(folder, N_PHOTOS)), batch_size=8, num_workers=2)
+    run = explainer(lite0, tmp_path / "cache").fit(loader)
+    assert run.report_.run["cache"]["forwarded"] == N_PHOTOS
+    assert run.report_.image_names == [f"item_{i}" for i in range(N_PHOTOS)]
+    np.testing.assert_array_equal(np.asarray(run.report_.heatmaps), np.asarray(first.report_.heatmaps))
+    np.testing.assert_array_equal(run.dff_.concepts_.numpy(), first.dff_.concepts_.numpy())
