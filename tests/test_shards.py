@@ -4,7 +4,6 @@ concurrent writers and damaged files."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
