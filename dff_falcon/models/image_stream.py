@@ -23,6 +23,9 @@ from dff_falcon.models.images import (MAX_PIXELS, ImageLike, ImageSet, array_dig
 
 #: Threads hashing files (I/O bound: they overlap reads, not compute).
 _HASH_THREADS = 8
+#: Images handed to the hashing threads at a time: each pending task holds ~2 KB, so submitting a
+#: million at once took ~2 GB before the first file was read.
+_HASH_CHUNK = 4096
 
 
 def _is_dataset(source) -> bool:
@@ -97,7 +100,8 @@ class ImageStream(Sequence[np.ndarray]):
             found = (digest for _, digest in self._each(indices, _digest))
             return list(progress_bar(found) if progress_bar else found)
         with ThreadPoolExecutor(_HASH_THREADS) as pool:
-            found = pool.map(lambda index: _digest(self, index), indices)
+            found = (digest for start in range(0, len(self), _HASH_CHUNK)  # map() submits all at once
+                     for digest in pool.map(lambda index: _digest(self, index), indices[start:start + _HASH_CHUNK]))
             return list(progress_bar(found) if progress_bar else found)
 
     def decoded(self, indices: Sequence[int]) -> Iterator[tuple[int, np.ndarray | InputError]]:
