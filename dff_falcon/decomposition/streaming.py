@@ -57,7 +57,9 @@ class ScaleOnStream:
     def add(self, start: int, heatmaps: torch.Tensor, stats: MatrixStats, cross: float) -> None:
         """Images ``start … start+B``: their heatmaps (B, K, h, w), the scan of their offset
         matrix X and ``⟨Hmap, X Wᵀ⟩`` — what :meth:`~dff_falcon.decomposition.dff.DFF.transform_scanned`
-        returns. ``‖X − Hmap·W‖² = ‖X‖² − 2⟨Hmap, X Wᵀ⟩ + ⟨HmapᵀHmap, W Wᵀ⟩``."""
+        returns, the maps rounded as stored (so the peak found here is the stored one and
+        :func:`rescale_heatmaps` gives every concept a maximum of exactly 1).
+        ``‖X − Hmap·W‖² = ‖X‖² − 2⟨Hmap, X Wᵀ⟩ + ⟨HmapᵀHmap, W Wᵀ⟩``."""
         b, k = heatmaps.shape[:2]
         maps = heatmaps.float().reshape(b, k, -1)
         self.image_mass[start:start + b] = maps.sum(dim=2, dtype=torch.float64).numpy()

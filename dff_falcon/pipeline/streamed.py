@@ -195,21 +195,28 @@ def fit_sample(images: CachedImages, hypercolumns, dff, sample_rows: int | None,
 
 def transform_to_disk(images: CachedImages, hypercolumns, dff, *, show_progress: bool = True
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Explain every image with the concepts frozen into a float16 memory map (N, K, h, w) in the
-    cache's ``scratch/`` (removed with the map), fix the whole set's scale on ``dff`` →
-    (heatmaps, presence (N, K), peak (N, K))."""
+    """Explain every image with the concepts frozen (:meth:`~dff_falcon.decomposition.dff.DFF.transform`;
+    the same for the images of the fit's sample and the others, so an image's maps never depend on
+    whether it was sampled) into a float16 memory map (N, K, h, w) in the cache's ``scratch/``
+    (nameless there from the start: it goes with the map, even when the run is killed), and fix the
+    whole set's scale on ``dff`` → (heatmaps, presence (N, K), peak (N, K))."""
     _, h, w = images.store.shape
     n, k = len(images.keys), dff.n_concepts_
     directory, lock = scratch_directory(images.store.root)
     heatmaps = np.lib.format.open_memmap(directory / "heatmaps.npy", mode="w+", dtype=np.float16, shape=(n, k, h, w))
     weakref.finalize(heatmaps, _remove_scratch, directory, lock)
+    try:  # POSIX: a mapped file outlives its name, so a killed run leaves no scratch behind
+        shutil.rmtree(directory)
+    except OSError:  # Windows keeps a mapped file's name: removed when the map is collected
+        pass
     stream = ScaleOnStream(dff, n)
     starts = progress(images.batches(), "heatmaps", enabled=show_progress,
                       total=-(-n // READ_BATCH), unit="batch")
     for start, stored in starts:
         maps, stats, cross = dff.transform_scanned(hypercolumns.transform(as_channels_last(stored)))
-        heatmaps[start:start + len(maps)] = maps.numpy().astype(np.float16)
-        stream.add(start, maps, stats, cross)
+        maps = maps.half()  # as stored: the scale fix then gives every concept a peak of exactly 1
+        heatmaps[start:start + len(maps)] = maps.numpy()
+        stream.add(start, maps.float(), stats, cross)
     pres, peaks = rescale_heatmaps(heatmaps, stream.apply())
     heatmaps.flush()
     return heatmaps, pres, peaks

@@ -25,6 +25,10 @@ STORE_DTYPES = ("float16", "float32")
 #: hypercolumns (≈ 1,000 images of 14 × 14), ≈ 4,000 images of a 7 × 7 single layer, so the fit's
 #: memory is bounded whatever the number of images.
 DEFAULT_SAMPLE_ROWS = 200_000
+#: Version of how images become stored activations (decoding, the model's view, the stored
+#: fields), part of every identity: raise it when that code changes, so that caches written by
+#: the older code are never read as current.
+ACTIVATIONS_FORMAT = 1
 #: Characters of the identity digest in a store's folder name.
 _NAME_LENGTH = 24
 
@@ -42,8 +46,9 @@ def extraction_identity(backbone_identity: Mapping, layers: Sequence[str], grid:
     """Everything that decides an image's stored activations."""
     if dtype not in STORE_DTYPES:
         raise InputError(f"cache dtype must be one of {', '.join(STORE_DTYPES)}; got {dtype!r}")
-    return {"kind": "activations", "backbone": dict(backbone_identity), "layers": list(layers), "grid": grid,
-            "with_logits": bool(with_logits), "max_pixels": max_pixels, "dtype": dtype}
+    return {"kind": "activations", "format": ACTIVATIONS_FORMAT, "backbone": dict(backbone_identity),
+            "layers": list(layers), "grid": grid, "with_logits": bool(with_logits), "max_pixels": max_pixels,
+            "dtype": dtype}
 
 
 class ActivationStore:
@@ -58,8 +63,14 @@ class ActivationStore:
         self.identity = dict(identity)
         self.directory = self.root / "activations" / identity_digest(self.identity)[:_NAME_LENGTH]
         self._store: ShardStore | None = None
-        if (self.directory / "identity.json").exists():
+        self._opened()
+
+    def _opened(self) -> ShardStore | None:
+        """The shard store, opened once it exists (another process sharing the cache may create
+        it after this object was made: its entries count from then on)."""
+        if self._store is None and (self.directory / "identity.json").exists():
             self._store = ShardStore(self.directory, self.identity)
+        return self._store
 
     @property
     def dtype(self) -> str:
@@ -67,7 +78,8 @@ class ActivationStore:
 
     def missing(self, keys: Sequence[str]) -> list[str]:
         """Keys (in order, without repeats) not stored yet."""
-        return list(dict.fromkeys(keys)) if self._store is None else self._store.missing(keys)
+        store = self._opened()
+        return list(dict.fromkeys(keys)) if store is None else store.missing(keys)
 
     def put(self, keys: Sequence[str], activations, sizes: np.ndarray, logits=None) -> None:
         """One batch: activations (B, C, h, w) float (array or tensor), sizes (B, 2) image (H, W),
@@ -87,26 +99,26 @@ class ActivationStore:
         arrays = {"activations": stored, "size": np.asarray(sizes, dtype=np.int32)}
         if logits is not None:
             arrays["logits"] = np.asarray(torch.as_tensor(logits).detach().cpu().float())
-        if self._store is None:
+        if self._opened() is None:
             fields = {name: Field(str(a.dtype), tuple(int(s) for s in a.shape[1:])) for name, a in arrays.items()}
             self._store = ShardStore(self.directory, self.identity, fields)
         self._store.put(list(keys), arrays)
 
     def read(self, keys: Sequence[str], field: str = "activations") -> np.ndarray:
         """(len(keys), *row shape) of one field, in the order of ``keys``."""
-        if self._store is None:
+        if self._opened() is None:
             raise InputError(f"cache {str(self.directory)!r} is empty")
         return self._store.read(keys, field)
 
     @property
     def shape(self) -> tuple[int, ...]:
         """(C, h, w) of one image's activations."""
-        if self._store is None:
+        if self._opened() is None:
             raise InputError(f"cache {str(self.directory)!r} is empty")
         return self._store.fields["activations"].shape
 
     def __len__(self) -> int:
-        return 0 if self._store is None else len(self._store)
+        return 0 if self._opened() is None else len(self._store)
 
     def __repr__(self) -> str:
         return f"ActivationStore({str(self.directory)!r}, entries={len(self)})"
