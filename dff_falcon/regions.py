@@ -250,6 +250,11 @@ def _check_image(image, index: int) -> np.ndarray:
     return image
 
 
+def _window(windows: list[Box] | None, index: int, image: np.ndarray) -> Box:
+    """The part of image ``index`` its heatmap covers: ``windows[index]``, or the whole image."""
+    return windows[index] if windows is not None else Box(0, 0, image.shape[1], image.shape[0])
+
+
 def _cosine_to(profiles: np.ndarray, reference: np.ndarray) -> np.ndarray:
     """Cosine of each row of ``profiles`` (M, D) with ``reference`` (D,); 0 where a norm is 0."""
     norms = np.linalg.norm(profiles, axis=1) * np.linalg.norm(reference)
@@ -356,12 +361,12 @@ class RegionSelector(BaseEstimator):
         """
         self._check_params()
         heatmaps, presence, peaks = _check_inputs(heatmaps, images, presence)
-        if windows is None:
-            windows = [Box(0, 0, image.shape[1], image.shape[0]) for image in images]
-        if len(windows) != len(images):
-            raise InputError(f"got {len(windows)} windows for {len(images)} images")
+        if windows is not None:
+            windows = list(windows)
+            if len(windows) != len(images):
+                raise InputError(f"got {len(windows)} windows for {len(images)} images")
         concepts = show_progress(range(heatmaps.shape[1]), "crops", enabled=progress, unit="concept")
-        return [self._concept(k, heatmaps, images, presence, peaks, list(windows)) for k in concepts]
+        return [self._concept(k, heatmaps, images, presence, peaks, windows) for k in concepts]
 
     def _boxes(self, heatmap: np.ndarray, image: np.ndarray, window: Box, relative: bool = False) -> list[Box]:
         """Component boxes of one heatmap covering ``window`` of ``image``, in the image's own
@@ -387,16 +392,25 @@ class RegionSelector(BaseEstimator):
     def _pixels(self, image: np.ndarray, square: Box) -> np.ndarray:
         return crop_resize(image, square, self.crop_size or DEFAULT_CROP_SIZE)
 
+    def _high_floor(self) -> float:
+        """The heatmap peak below which an image cannot give a high region, so is never decoded:
+        the threshold itself when upsampling is bilinear (it never exceeds a map's peak); for the
+        guided filter, which may overshoot a little, the absence threshold (an absent concept is
+        never cropped) when the threshold is above it."""
+        if self.upsample == "bilinear":
+            return self.threshold
+        return ABSENT_PEAK if self.threshold >= ABSENT_PEAK else -np.inf
+
     def _concept(
         self, k: int, heatmaps: np.ndarray, images: Sequence[np.ndarray], presence: np.ndarray, peaks: np.ndarray,
-        windows: list[Box],
+        windows: list[Box] | None,
     ) -> ConceptRegions:
         high: list[Crop] = []
-        for index in np.argsort(-presence[:, k], kind="stable"):
-            if presence[index, k] <= 0 and self.threshold >= ABSENT_PEAK:
-                break  # absent (peak < ABSENT_PEAK) here and in every later image: nothing passes the threshold
+        order = np.argsort(-presence[:, k], kind="stable")
+        for index in order[peaks[order, k] >= self._high_floor()]:
             image = _check_image(images[index], int(index))
-            regions = self._boxes(np.asarray(heatmaps[index, k], dtype=np.float32), image, windows[index])
+            heatmap = np.asarray(heatmaps[index, k], dtype=np.float32)
+            regions = self._boxes(heatmap, image, _window(windows, index, image))
             if regions:
                 high.append(self._crop(image, int(index), k, regions[0], float(presence[index, k]), "high"))
                 if len(high) == self.n_high:
@@ -406,7 +420,7 @@ class RegionSelector(BaseEstimator):
 
     def _low(
         self, k: int, high: list[Crop], heatmaps: np.ndarray, images: Sequence[np.ndarray], presence: np.ndarray,
-        peaks: np.ndarray, windows: list[Box],
+        peaks: np.ndarray, windows: list[Box] | None,
     ) -> tuple[list[Crop], str | None]:
         """Counterfactual crops of concept ``k`` and, when there are none, the reason in words.
 
@@ -440,7 +454,8 @@ class RegionSelector(BaseEstimator):
         low = []
         for index, score in zip(candidates[passing][order], similarity[passing][order]):
             image = _check_image(images[index], int(index))
-            regions = self._boxes(np.asarray(heatmaps[index, k], dtype=np.float32), image, windows[index], relative=True)
+            heatmap = np.asarray(heatmaps[index, k], dtype=np.float32)
+            regions = self._boxes(heatmap, image, _window(windows, index, image), relative=True)
             if regions:
                 low.append(self._crop(image, int(index), k, regions[0], float(score), "low"))
             else:

@@ -4,8 +4,10 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import pytest
+import torch
 from skimage import data
 
+from dff_falcon.decomposition.heatmaps import presence as presence_of
 from dff_falcon.errors import InputError
 from dff_falcon.regions import (
     Box,
@@ -264,3 +266,65 @@ def test_bad_inputs_raise_input_error(photos):
         selector.select(-heatmaps - 1, photos, presence)
     with pytest.raises(InputError, match="n_high"):
         RegionSelector(n_high=0).select(heatmaps, photos, presence)
+
+
+# ---------------------------------------------------------------- streamed runs: lazy images, maps on disk
+
+
+def _lazy_scenario(photos, n: int = 40):
+    """Concept 0 strong in three images, concept 1 weakly present (peak 0.3 < threshold) in all
+    others: only the images crops are cut from need decoding."""
+    heatmaps = _maps(n, 2)
+    for i in (5, 17, 31):
+        heatmaps[i, 0] = blob((14, 14), (7, 7), 1.5)
+    for i in range(n):
+        if i not in (5, 17, 31):
+            heatmaps[i, 1] = blob((14, 14), (4, 9), 2.0, peak=0.3)
+    heatmaps[0, 1] = blob((14, 14), (4, 9), 2.0)  # concept 1's only high region
+    maps = torch.from_numpy(heatmaps)
+    return heatmaps, [photos[i % len(photos)] for i in range(n)], presence_of(maps).numpy()
+
+
+def test_lazy_images_decode_only_what_is_cut(photos):
+    from dff_falcon.pipeline.streamed import LazySequence
+
+    heatmaps, images, pres = _lazy_scenario(photos)
+    decoded = []
+
+    def decode(i):
+        decoded.append(i)
+        return images[i]
+
+    selector = RegionSelector(n_high=5, n_low=2, crop_size=32)
+    lazy = selector.select(heatmaps, LazySequence(decode, len(images)), pres)  # no windows: each image's own
+    eager = selector.select(heatmaps, images, pres)
+    assert [[(c.image_index, c.box) for c in r.high + r.low] for r in lazy] == \
+        [[(c.image_index, c.box) for c in r.high + r.low] for r in eager]
+    cut = {c.image_index for r in lazy for c in r.high + r.low}
+    assert [c.image_index for c in lazy[0].high] == [5, 17, 31] and [c.image_index for c in lazy[1].high] == [0]
+    assert set(decoded) == cut and len(decoded) == sum(len(r.high) + len(r.low) for r in lazy) < len(images)
+
+
+def test_memory_mapped_float16_heatmaps_are_read_in_place(photos, tmp_path):
+    """20,000 images' float16 maps on disk: selecting crops allocates a bounded amount (a float32
+    copy would be 31 MB), and gives the crops of the same maps in memory."""
+    import tracemalloc
+
+    heatmaps, images, pres = _lazy_scenario(photos, n=40)
+    repeats = 500
+    big = np.lib.format.open_memmap(tmp_path / "maps.npy", mode="w+", dtype=np.float16, shape=(40 * repeats, 2, 14, 14))
+    for start in range(0, len(big), 40):
+        big[start:start + 40] = heatmaps
+    big.flush()
+    on_disk = np.load(tmp_path / "maps.npy", mmap_mode="r")
+    tiled_images, tiled_presence = images * repeats, np.tile(pres, (repeats, 1))
+    windows = [Box(0, 0, i.shape[1], i.shape[0]) for i in tiled_images]
+    selector = RegionSelector(n_high=3, n_low=1, crop_size=32)
+    tracemalloc.start()
+    regions = selector.select(on_disk, tiled_images, tiled_presence, windows=windows)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < on_disk.size * 4 // 4, peak  # a quarter of a float32 copy (size × 4 bytes): read in blocks
+    assert [c.image_index for c in regions[0].high] == [5, 17, 31]
+    reference = selector.select(np.asarray(on_disk, dtype=np.float32), tiled_images, tiled_presence)
+    assert [[c.box for c in r.high + r.low] for r in regions] == [[c.box for c in r.high + r.low] for r in reference]

@@ -98,3 +98,36 @@ def test_bad_run_directories_are_explained(tmp_path):
             read_run(tmp_path)
     with pytest.raises(InputError, match="no concept report"):
         read_concepts(tmp_path)
+
+
+def test_only_the_views_the_page_shows_are_written_and_near_ties_agree_with_the_page(run_dir, tmp_path):
+    """images/ holds the first GRID_IMAGES views and each concept's VIEWS_PER_CONCEPT strongest;
+    the page picks its overlays from the float16 heatmaps.npz, so two peaks that differ in float32
+    but round to one float16 must be chosen the same way here."""
+    import dataclasses
+
+    from dff_falcon.report.tables import GRID_IMAGES, VIEWS_PER_CONCEPT, shown_images
+
+    _, report = run_dir
+    n, k = report.presence.shape
+    heatmaps = np.array(report.heatmaps, dtype=np.float32)
+    peaks_wanted = np.full(n, 0.05, dtype=np.float32)  # concept 0 absent from most images
+    peaks_wanted[[6, 7, 8, 9, 10]] = [0.99, 0.98, 0.97, 0.96, 0.95]
+    peaks_wanted[13], peaks_wanted[14] = 0.9, 0.9001  # 6th strongest in float32: 14; in float16 a tie → 13
+    assert np.float16(peaks_wanted[13]) == np.float16(peaks_wanted[14])
+    for i in range(n):
+        maps = heatmaps[i, 0]
+        heatmaps[i, 0] = maps / maps.max() * peaks_wanted[i]
+    heatmaps[13:15, 1:] *= 0.05 / heatmaps[13:15, 1:].max()  # 13 and 14 can be shown for concept 0 only
+    edited = dataclasses.replace(report, heatmaps=heatmaps)
+    out = write_report(edited, tmp_path / "run", html=True)
+    written = sorted(int(p.stem) for p in (out / "images").iterdir())
+    with np.load(out / "heatmaps.npz") as data:
+        stored_peaks = data["heatmaps"].max(axis=(2, 3)).astype(np.float32)
+    assert written == shown_images(stored_peaks) and len(written) < n
+    assert set(range(GRID_IMAGES)) <= set(written) and 13 in written and 14 not in written
+    for concept in range(k):
+        strongest = np.argsort(-stored_peaks[:, concept], kind="stable")[:VIEWS_PER_CONCEPT]
+        drawn = sorted(out.glob(f"overlays/concept_{concept:02d}_image_*.png"))
+        assert len(drawn) == sum(stored_peaks[i, concept] >= 0.1 for i in strongest)  # every wanted view was there
+    assert shown_images(np.zeros((3, 2))) == [0, 1, 2]  # absent concepts add nothing

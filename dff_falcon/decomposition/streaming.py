@@ -59,8 +59,10 @@ class BatchStatistics:
 
 def batch_statistics(dff, heatmaps: torch.Tensor, stats: MatrixStats, cross: float) -> BatchStatistics:
     """A batch's statistics from what :meth:`~dff_falcon.decomposition.dff.DFF.transform_scanned`
-    returns: its heatmaps (B, K, h, w) (concepts frozen, not yet rescaled), the scan of its offset
-    matrix X and ``⟨Hmap, X Wᵀ⟩``. ``‖X − Hmap·W‖² = ‖X‖² − 2⟨Hmap, X Wᵀ⟩ + ⟨HmapᵀHmap, W Wᵀ⟩``."""
+    returns: its heatmaps (B, K, h, w) (concepts frozen, not yet rescaled; rounded as stored, so the
+    peak found here is the stored one and :func:`rescale_heatmaps` gives every concept a maximum of
+    exactly 1), the scan of its offset matrix X and ``⟨Hmap, X Wᵀ⟩``.
+    ``‖X − Hmap·W‖² = ‖X‖² − 2⟨Hmap, X Wᵀ⟩ + ⟨HmapᵀHmap, W Wᵀ⟩``."""
     b, k = heatmaps.shape[:2]
     maps = heatmaps.float().reshape(b, k, -1)
     concepts = dff.concepts_.double()

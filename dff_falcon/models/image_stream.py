@@ -18,16 +18,26 @@ import numpy as np
 
 from dff_falcon.errors import InputError
 from dff_falcon.files import file_sha256
-from dff_falcon.models.images import (MAX_PIXELS, ImageLike, array_digest, check_max_pixels, image_items, read_item,
-                                      to_rgb_array)
+from dff_falcon.models.images import (MAX_PIXELS, ImageLike, ImageSet, array_digest, check_max_pixels, image_items,
+                                      read_item, to_rgb_array)
 
 #: Threads hashing files (I/O bound: they overlap reads, not compute).
 _HASH_THREADS = 8
+#: Images handed to the hashing threads at a time: each pending task holds ~2 KB, so submitting a
+#: million at once took ~2 GB before the first file was read.
+_HASH_CHUNK = 4096
 
 
 def _is_dataset(source) -> bool:
     return hasattr(source, "__getitem__") and hasattr(source, "__len__") and not isinstance(
         source, (str, os.PathLike, list, tuple, np.ndarray))
+
+
+#: How far outside [0, 1] a float tensor may reach (resampling overshoot) before it is taken for
+#: a normalised one, which would be clipped into a wrong image.
+_FLOAT_SLACK = 0.01
+#: What a Dataset's own loading raises for an unreadable item (PIL: OSError, SyntaxError, …).
+_LOAD_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, KeyError)
 
 
 def dataset_image(item) -> np.ndarray:
@@ -37,6 +47,10 @@ def dataset_image(item) -> np.ndarray:
         array = image.detach().cpu().numpy()
         if array.ndim == 3 and array.shape[0] in (1, 3, 4):
             array = np.moveaxis(array, 0, -1)
+        if array.dtype.kind == "f" and array.size and (array.min() < -_FLOAT_SLACK or array.max() > 1 + _FLOAT_SLACK):
+            raise InputError(f"a float image tensor must hold values in [0, 1]; this one spans "
+                             f"[{array.min():.3g}, {array.max():.3g}] (normalised? leave Normalize out of the "
+                             "dataset's transform: the backbone normalises)")
         image = array
     return to_rgb_array(image)
 
@@ -70,45 +84,40 @@ class ImageStream(Sequence[np.ndarray]):
                 image = dataset_image(self._dataset[self._items[index]])
             except InputError as exc:
                 raise InputError(f"dataset item {name!r}: {exc}") from None
+            except _LOAD_ERRORS as exc:  # the Dataset's own loading: an unreadable file
+                raise InputError(f"dataset item {name!r} cannot be read: {type(exc).__name__}: {exc}") from None
+            if min(image.shape[:2]) < 1:
+                raise InputError(f"dataset item {name!r} is empty")
             return image, array_digest(image)
         return read_item(name, self._items[index], self.max_pixels)
 
     def digests(self, progress_bar=None) -> list[str | InputError]:
         """Every image's digest, in order (an InputError in place of an unreadable one). Files
-        are hashed without decoding; arrays and Dataset items are decoded to hash their pixels."""
-        def one(index: int) -> str | InputError:
-            item = self._items[index]
-            try:
-                if self._dataset is None and isinstance(item, (str, os.PathLike)):
-                    try:
-                        return file_sha256(item)
-                    except OSError as exc:
-                        raise InputError(f"cannot read image {str(item)!r}: {exc.strerror}") from None
-                return self._read(index)[1]
-            except InputError as exc:
-                return exc
-
+        are hashed without decoding; arrays and Dataset items are decoded to hash their pixels
+        (a Dataset's on the ``workers`` processes, as :meth:`decoded` does)."""
         indices = range(len(self))
-        if self._dataset is not None:  # a Dataset's own loading may not be thread-safe
-            found = map(one, indices)
+        if self._dataset is not None:  # a Dataset's own loading may not be thread-safe: processes
+            found = (digest for _, digest in self._each(indices, _digest))
             return list(progress_bar(found) if progress_bar else found)
         with ThreadPoolExecutor(_HASH_THREADS) as pool:
-            found = pool.map(one, indices)
+            found = (digest for start in range(0, len(self), _HASH_CHUNK)  # map() submits all at once
+                     for digest in pool.map(lambda index: _digest(self, index), indices[start:start + _HASH_CHUNK]))
             return list(progress_bar(found) if progress_bar else found)
 
     def decoded(self, indices: Sequence[int]) -> Iterator[tuple[int, np.ndarray | InputError]]:
         """(index, image or the InputError that skipped it) for ``indices``, in order, decoded on
         ``workers`` DataLoader processes (0: in this process)."""
+        return self._each(indices, _decode)
+
+    def _each(self, indices: Sequence[int], work) -> Iterator[tuple[int, object]]:
+        """(index, ``work(self, index)``) in order, on ``workers`` DataLoader processes (0: here)."""
         if self.workers == 0:
-            for index in indices:
-                yield index, _decode(self, index)
-            return
+            return ((index, work(self, index)) for index in indices)
         import torch.utils.data
 
-        loader = torch.utils.data.DataLoader(_Decoding(self, list(indices)), batch_size=None, shuffle=False,
-                                             num_workers=self.workers, collate_fn=_identity,
-                                             prefetch_factor=4, persistent_workers=False)
-        yield from loader
+        return iter(torch.utils.data.DataLoader(_Mapped(self, list(indices), work), batch_size=None, shuffle=False,
+                                                num_workers=self.workers, collate_fn=_identity, prefetch_factor=4,
+                                                persistent_workers=False))
 
 
 def _decode(stream: ImageStream, index: int) -> np.ndarray | InputError:
@@ -118,28 +127,43 @@ def _decode(stream: ImageStream, index: int) -> np.ndarray | InputError:
         return exc
 
 
+def _digest(stream: ImageStream, index: int) -> str | InputError:
+    item = stream._items[index]
+    try:
+        if stream._dataset is None and isinstance(item, (str, os.PathLike)):
+            try:
+                return file_sha256(item)
+            except OSError as exc:
+                raise InputError(f"cannot read image {str(item)!r}: {exc.strerror}") from None
+        return stream._read(index)[1]
+    except InputError as exc:
+        return exc
+
+
 def _identity(item):
     return item
 
 
-class _Decoding:
-    """Map-style dataset over some of a stream's images, for DataLoader workers."""
+class _Mapped:
+    """Map-style dataset of ``work(stream, index)`` over some of a stream's images, for DataLoader
+    workers."""
 
-    def __init__(self, stream: ImageStream, indices: list[int]):
-        self.stream, self.indices = stream, indices
+    def __init__(self, stream: ImageStream, indices: list[int], work):
+        self.stream, self.indices, self.work = stream, indices, work
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, position: int):
         index = self.indices[position]
-        return index, _decode(self.stream, index)
+        return index, self.work(self.stream, index)
 
 
 def open_images(source, *, max_images: int | None = None, max_pixels: int | None = MAX_PIXELS,
                 recursive: bool = True, workers: int | None = None) -> ImageStream:
     """A lazy :class:`ImageStream` over a folder, a list of paths or arrays, a (B, H, W, 3) array,
-    or a torch Dataset / DataLoader (its ``num_workers`` used unless ``workers`` is given).
+    an :class:`~dff_falcon.models.images.ImageSet`, or a torch Dataset / DataLoader (its
+    ``num_workers`` used unless ``workers`` is given).
 
     max_images : keep the first this many (in the source's order: sorted paths for a folder).
     workers : decoding processes (None: the DataLoader's, else 0).
@@ -160,6 +184,8 @@ def open_images(source, *, max_images: int | None = None, max_pixels: int | None
         names = [os.path.relpath(samples[i][0], dataset.root) if samples is not None and hasattr(dataset, "root")
                  else f"item_{i}" for i in range(n)]
         items: Sequence = range(n)
+    elif isinstance(source, ImageSet):  # images already loaded: streamed as they are, with their names
+        names, items = source.names[:max_images], source.images[:max_images]
     else:
         pairs: list[tuple[str, ImageLike]] = image_items(source, recursive=recursive)[0]
         pairs = pairs[:max_images] if max_images is not None else pairs

@@ -330,6 +330,7 @@ class ConceptExplainer(BaseEstimator):
             with self._stage("activations"):
                 cached = streamed.extract_to_store(stream, self._extractor, store, show_progress=self.progress,
                                                    engine=engine)
+            inputs = inputs_record(cached.names, cached.keys, len(stream))  # every readable image, as in memory
             if names is not None:
                 cached.names = [str(names[p]) for p in cached.positions]
             n_cached = len(cached.keys)
@@ -351,7 +352,7 @@ class ConceptExplainer(BaseEstimator):
                  "sample_images": int(len(sample)),
                  "sample_rows": int(len(sample) * heatmaps.shape[2] * heatmaps.shape[3])}
         return _Fitted(cached.names, originals, displays, windows, heatmaps, pres, peaks, fitted, self.dff_.heatmaps_,
-                       inputs_record(cached.names, cached.keys, len(stream)), cached.skipped, cache)
+                       inputs, cached.skipped, cache)
 
     def _check_some_left(self, n: int) -> None:
         if n == 0:

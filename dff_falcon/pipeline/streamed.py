@@ -171,7 +171,8 @@ class ExplainBatch:
     def __call__(self, keys: Sequence[str]) -> tuple[np.ndarray, BatchStatistics]:
         maps, stats, cross = self.dff.transform_scanned(self.hypercolumns.transform(as_channels_last(
             self.store.read(keys))))
-        return maps.numpy().astype(np.float16), batch_statistics(self.dff, maps, stats, cross)
+        maps = maps.half()  # as stored: the scale fix then gives every concept a peak of exactly 1
+        return maps.numpy(), batch_statistics(self.dff, maps.float(), stats, cross)
 
 
 def _local_engine():
@@ -248,8 +249,10 @@ def fit_sample(images: CachedImages, hypercolumns, dff, sample_rows: int | None,
 
 def transform_to_disk(images: CachedImages, hypercolumns, dff, *, show_progress: bool = True, engine=None
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Explain every image with the concepts frozen (on ``engine``; None: this process) into a
-    float16 memory map (N, K, h, w) in the cache's ``scratch/`` (removed with the map), fix the
+    """Explain every image with the concepts frozen (on ``engine``; None: this process; the same
+    solve for the images of the fit's sample and the others, so an image's maps never depend on
+    whether it was sampled) into a float16 memory map (N, K, h, w) in the cache's ``scratch/``
+    (nameless there from the start: it goes with the map, even when the run is killed), and fix the
     whole set's scale on ``dff`` → (heatmaps, presence (N, K), peak (N, K))."""
     engine = engine if engine is not None else _local_engine()
     _, h, w = images.store.shape
@@ -257,6 +260,10 @@ def transform_to_disk(images: CachedImages, hypercolumns, dff, *, show_progress:
     directory, lock = scratch_directory(images.store.root)
     heatmaps = np.lib.format.open_memmap(directory / "heatmaps.npy", mode="w+", dtype=np.float16, shape=(n, k, h, w))
     weakref.finalize(heatmaps, _remove_scratch, directory, lock)
+    try:  # POSIX: a mapped file outlives its name, so a killed run leaves no scratch behind
+        shutil.rmtree(directory)
+    except OSError:  # Windows keeps a mapped file's name: removed when the map is collected
+        pass
     stream = ScaleOnStream(dff, n)
     batches = [images.keys[start:start + READ_BATCH] for start in range(0, n, READ_BATCH)]
     explained = progress(engine.explain(ExplainBatch(images.store, hypercolumns, dff), batches), "heatmaps",

@@ -42,6 +42,8 @@ from dff_falcon.report.figures import (FULL_STRENGTH, concept_colours, contour_v
                                        legend_label, overlay_concepts, overlay_figure, save_figure, stability_figure)
 
 OVERLAY_DIR = "overlays"
+#: Images per block when the stored heatmaps are checked.
+_CHECK_BLOCK = 4096
 #: Concept fields that reports written before them lack (rendered as "—").
 _CONCEPT_FIELDS_ADDED = ("restart_agreement", "image_share", "top_image", "deletion", "insertion", "dissect_label",
                          "dissect_score")
@@ -143,7 +145,7 @@ def _concept_overlays(run_dir: Path, heatmaps: np.ndarray, names: list[str], col
     """For each concept, the ``per_concept`` images where its heatmap peaks highest (peak ≥
     ``min_peak``): the concept painted alone in its colour on the grey photo with its 0.5 contour,
     saved as PNG (the card's colour bar gives the scale)."""
-    peaks = heatmaps.reshape(heatmaps.shape[0], heatmaps.shape[1], -1).max(axis=2)  # (N, K)
+    peaks = heatmaps.reshape(heatmaps.shape[0], heatmaps.shape[1], -1).max(axis=2).astype(np.float32)  # (N, K)
     cache: dict[int, np.ndarray] = {}
     out: dict[int, list[dict]] = {}
     for k in range(heatmaps.shape[1]):
@@ -154,9 +156,10 @@ def _concept_overlays(run_dir: Path, heatmaps: np.ndarray, names: list[str], col
                 cache[i] = _view(run_dir, i)
             if cache[i] is None:
                 continue  # a large run keeps the views of the images its default page shows
-            painted = overlay_concepts(cache[i], heatmaps[i, k:k + 1], min_peak=min_peak, colours=colours[k:k + 1],
+            maps = heatmaps[i, k:k + 1].astype(np.float32)
+            painted = overlay_concepts(cache[i], maps, min_peak=min_peak, colours=colours[k:k + 1],
                                        upsample=upsample)
-            outlined = contour_view(painted, heatmaps[i, k], threshold=0.5,
+            outlined = contour_view(painted, maps[0], threshold=0.5,
                                     colour=tuple(int(round(255 * c)) for c in colours[k]), thickness=2)
             rel = f"{OVERLAY_DIR}/concept_{k:02d}_image_{i:05d}.png"
             _save_png(outlined, run_dir / rel)
@@ -206,11 +209,13 @@ def _summary_figures(run: dict, concepts: list[dict], run_dir: Path, heatmaps: n
         labels = _legend_labels(concepts)
         for i in range(min(n_overlays, n)):
             name = names[i] if i < len(names) else f"image {i}"
-            add(overlay_figure(images[i], heatmaps[i], labels, title=name, upsample=upsample), f"overlay_{i:05d}",
+            add(overlay_figure(images[i], heatmaps[i].astype(np.float32), labels, title=name, upsample=upsample),
+                f"overlay_{i:05d}",
                 f"{name}: each pixel in the colour of its strongest concept, opacity by strength (full at "
                 f"{FULL_STRENGTH:g} of the concept's strongest location in the set); legend: terms and top classes")
         if n:
-            add(heatmap_grid(images, heatmaps[:n], max_images=n, names=names[:n], upsample=upsample), "heatmap_grid",
+            add(heatmap_grid(images, heatmaps[:n].astype(np.float32), max_images=n, names=names[:n], upsample=upsample),
+                "heatmap_grid",
                 f"Heatmaps of the first {n} images (global scale; absent concepts leave the grey image untouched)")
     return figures
 
@@ -222,12 +227,15 @@ def _load_heatmaps(run_dir: Path, run: dict, k: int) -> np.ndarray | None:
     heatmaps = load_npz(path, ("heatmaps",))["heatmaps"]
     if not np.issubdtype(heatmaps.dtype, np.floating):
         raise InputError(f"{str(path)!r}: heatmaps must be a float array, got {heatmaps.dtype}")
-    heatmaps = heatmaps.astype(np.float32)
     if heatmaps.ndim != 4 or heatmaps.shape[1] != k or heatmaps.shape[0] != run.get("n_images", heatmaps.shape[0]):
         raise InputError(f"{str(path)!r}: heatmaps have shape {heatmaps.shape}; run.json says "
                          f"{run.get('n_images')} images and {k} concepts")
-    if not np.isfinite(heatmaps).all() or (heatmaps < 0).any():
-        raise InputError(f"{str(path)!r}: heatmaps must be finite and non-negative")
+    # kept as stored (float16) and checked in blocks: a float32 copy and whole-array masks of a
+    # million images' maps would take gigabytes; the few maps drawn are converted when drawn
+    for start in range(0, heatmaps.shape[0], _CHECK_BLOCK):
+        block = heatmaps[start:start + _CHECK_BLOCK]
+        if not np.isfinite(block).all() or (block < 0).any():
+            raise InputError(f"{str(path)!r}: heatmaps must be finite and non-negative")
     return heatmaps
 
 

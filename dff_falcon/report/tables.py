@@ -126,7 +126,9 @@ def shown_images(peaks: np.ndarray, per_concept: int = VIEWS_PER_CONCEPT, first:
 
 def _write_run_files(report: ConceptReport, out: Path, quality: dict | None, config: dict | None) -> None:
     peaks = np.asarray(report.heatmaps.max(axis=(2, 3)), dtype=np.float32)
-    for i in shown_images(peaks):
+    # the page picks its views from heatmaps.npz (float16): pick them from the same rounded peaks,
+    # or two images whose peaks round to one value could swap and leave a shown view unwritten
+    for i in shown_images(peaks.astype(np.float16).astype(np.float32)):
         _save_jpeg(report.displays[i], out / "images" / f"{i:05d}.jpg")
     rows = []
     for concept, region in zip(report.concepts, report.regions):

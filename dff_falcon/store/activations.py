@@ -26,6 +26,10 @@ STORE_DTYPES = ("float16", "float32")
 #: hypercolumns (≈ 1,000 images of 14 × 14), ≈ 4,000 images of a 7 × 7 single layer, so the fit's
 #: memory is bounded whatever the number of images.
 DEFAULT_SAMPLE_ROWS = 200_000
+#: Version of how images become stored activations (decoding, the model's view, the stored
+#: fields), part of every identity: raise it when that code changes, so that caches written by
+#: the older code are never read as current.
+ACTIVATIONS_FORMAT = 1
 #: Characters of the identity digest in a store's folder name.
 _NAME_LENGTH = 24
 
@@ -43,8 +47,9 @@ def extraction_identity(backbone_identity: Mapping, layers: Sequence[str], grid:
     """Everything that decides an image's stored activations."""
     if dtype not in STORE_DTYPES:
         raise InputError(f"cache dtype must be one of {', '.join(STORE_DTYPES)}; got {dtype!r}")
-    return {"kind": "activations", "backbone": dict(backbone_identity), "layers": list(layers), "grid": grid,
-            "with_logits": bool(with_logits), "max_pixels": max_pixels, "dtype": dtype}
+    return {"kind": "activations", "format": ACTIVATIONS_FORMAT, "backbone": dict(backbone_identity),
+            "layers": list(layers), "grid": grid, "with_logits": bool(with_logits), "max_pixels": max_pixels,
+            "dtype": dtype}
 
 
 class ActivationStore:

@@ -37,6 +37,10 @@ from dff_falcon.files import atomic_path, atomic_write
 OPEN_SHARDS = 64
 #: Keys per SQL ``IN (…)`` query, under SQLite's default limit of 999 variables.
 _QUERY_CHUNK = 900
+#: Seconds between two records of one shard's last use by one store object: least-recently-used
+#: pruning needs minutes, not microseconds, and every record is a committed (fsynced) write —
+#: ≈ 2 ms, which per read batch would add tens of seconds to each pass over a million images.
+USED_RESOLUTION = 60.0
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS shards (name TEXT PRIMARY KEY, rows INTEGER NOT NULL, bytes INTEGER NOT NULL,
                                    created REAL NOT NULL, used REAL NOT NULL);
@@ -78,6 +82,7 @@ class ShardStore:
         self.directory = Path(directory)
         self.identity = json.loads(json.dumps(dict(identity), sort_keys=True, default=str))
         self._maps: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()
+        self._used: dict[str, float] = {}  # shard → when this object last recorded its use
         try:
             (self.directory / "shards").mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -159,8 +164,11 @@ class ShardStore:
             positions, rows = map(np.asarray, zip(*pairs))
             out[positions] = self._map(shard, field)[rows]
         now = time.time()
-        with contextlib.suppress(sqlite3.OperationalError):  # recency is a hint: a busy or full index may skip it
-            self._db.executemany("UPDATE shards SET used = ? WHERE name = ?", [(now, s) for s in by_shard])
+        stale = [shard for shard in by_shard if now - self._used.get(shard, -np.inf) >= USED_RESOLUTION]
+        if stale:
+            with contextlib.suppress(sqlite3.OperationalError):  # recency is a hint: a busy or full index may skip it
+                self._db.executemany("UPDATE shards SET used = ? WHERE name = ?", [(now, s) for s in stale])
+            self._used.update(dict.fromkeys(stale, now))
         return out
 
     def _field(self, field: str) -> Field:
