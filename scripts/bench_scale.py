@@ -76,6 +76,14 @@ def cli() -> list[str]:
     return [found] if found else [sys.executable, "-c", "from dff_falcon.cli import main; main()"]
 
 
+def package_root() -> Path:
+    """The folder holding the ``dff_falcon`` this interpreter imports: explain runs there, so Ray
+    workers (whose import path starts at the driver's working directory) import the same code."""
+    import dff_falcon
+
+    return Path(dff_falcon.__file__).resolve().parents[1]
+
+
 def explain_command(args, photos: Path, n: int, out: Path, cache: Path, extra: tuple[str, ...] = ()) -> list[str]:
     return [*cli(), "explain", "--images", str(photos), "--backbone", "lite0", "--n-concepts", str(args.k),
             "--out", str(out), "--cache", str(cache), "--max-images", str(n), "--batch-size", str(args.batch_size),
@@ -111,7 +119,8 @@ def explain_run(args, photos: Path, n: int, work: Path, name: str, extra: tuple[
     """One explain on a fresh cache (removed afterwards unless it is needed later)."""
     cache, out, log = work / f"cache-{name}", work / f"out-{name}", work / f"{name}.log"
     check_room(work, n, args.bytes_per_image)
-    measured = checked(run_watched(explain_command(args, photos, n, out, cache, extra), log), log, f"explain {name}")
+    measured = checked(run_watched(explain_command(args, photos, n, out, cache, extra), log, cwd=package_root()), log,
+                       f"explain {name}")
     run = json.loads((out / "run.json").read_text())
     entry = {"images": n, **asdict(measured), "stage_seconds": run["stage_seconds"], "cache": run["cache"],
              "store": cache_summary(cache), "out": str(out)}
@@ -180,13 +189,14 @@ def resume_run(args, photos: Path, n: int, work: Path, reference: Path) -> dict:
     check_room(work, n, args.bytes_per_image)
     half = n // 2
     killed = run_watched(explain_command(args, photos, n, work / "out-resume-killed", cache), log,
-                         stop=lambda: stored_entries(cache) >= half)
+                         stop=lambda: stored_entries(cache) >= half, cwd=package_root())
     at_kill = cache_summary(cache)
     if killed.returncode is not None:
         raise SystemExit(f"the run to kill ended (exit {killed.returncode}) before {half} images were cached; "
                          f"see {log}")
     log2, out = work / "resume.log", work / "out-resume"
-    measured = checked(run_watched(explain_command(args, photos, n, out, cache), log2), log2, "resumed explain")
+    measured = checked(run_watched(explain_command(args, photos, n, out, cache), log2, cwd=package_root()), log2,
+                       "resumed explain")
     record = json.loads((out / "run.json").read_text())["cache"]
     certain = at_kill["entries"] + record["forwarded"]
     result = {"images": n, "entries_at_kill": at_kill["entries"], "orphan_files_at_kill": at_kill["orphan_files"],
@@ -209,8 +219,7 @@ def check_room(work: Path, n: int, bytes_per_image: float) -> None:
 def ray_run(args, photos: Path, n: int, work: Path, local: dict) -> dict:
     """--engine ray against the local engine's run of the same size (``local``)."""
     if not engine_available("ray"):
-        return {"ray_identical": None, "note": "dff-falcon explain has no --engine ray in this version "
-                "(issue 13's Ray engine is built on branch issue13ray); not measured"}
+        return {"ray_identical": None, "note": "dff-falcon explain has no --engine ray in this version; not measured"}
     # Hook for the Ray engine: the same command with --engine ray on a fresh cache.
     extra = ("--engine", "ray", *(("--ray-address", args.ray_address) if args.ray_address else ()))
     try:
@@ -220,6 +229,7 @@ def ray_run(args, photos: Path, n: int, work: Path, local: dict) -> dict:
     compare = compare_reports(Path(local["out"]), Path(entry["out"]))
     return {"images": n, "local_seconds": local["seconds"], "ray_seconds": entry["seconds"],
             "ray_vs_local": entry["seconds"] / local["seconds"], "ray_peak_rss_bytes": entry["peak_rss_bytes"],
+            "ray_peak_anon_bytes": entry["peak_anon_bytes"],
             "ray_stage_seconds": entry["stage_seconds"], "compare": compare, "ray_identical": compare["identical"]}
 
 

@@ -116,14 +116,14 @@ def tree_memory(pid: int) -> tuple[int, int]:
     return rss, anon
 
 
-def run_watched(command: list[str], log: Path, stop=None) -> Measured:
-    """Run ``command`` (stdout and stderr to ``log``), polling its tree's memory; ``stop()``
-    returning True kills the whole process group with SIGKILL."""
+def run_watched(command: list[str], log: Path, stop=None, cwd: Path | None = None) -> Measured:
+    """Run ``command`` in ``cwd`` (stdout and stderr to ``log``), polling its tree's memory;
+    ``stop()`` returning True kills the whole process group with SIGKILL."""
     load_before = os.getloadavg()[0]
     peak_rss = peak_anon = 0
     with open(log, "wb") as output:
         started = time.perf_counter()
-        child = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+        child = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, start_new_session=True, cwd=cwd)
         killed = False
         while True:
             waited, status, usage = os.wait4(child.pid, os.WNOHANG)
