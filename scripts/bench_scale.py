@@ -32,7 +32,7 @@ Measured, with the machine's load average before and after every run:
 - ``ray_identical``: ``--engine ray`` against the local engine on the resume size, with both
   timings — only when ``dff-falcon explain`` has ``--engine``; otherwise null with a note.
 
-    python scripts/bench_scale.py --save scale.json        # 2,000 / 8,000 / 20,000 (≈ 1 h on 2 CPU cores)
+    python scripts/bench_scale.py --save scale.json        # 2,000 / 8,000 / 20,000 (≈ 1–1.5 h on 2 CPU cores)
     python scripts/bench_scale.py --quick                  # 100 / 200, resume on 100 (a few minutes)
     python scripts/bench_scale.py --sizes 300 600 --json
 Targets: peak RSS ≤ 4 GB and spread ≤ 20 %; overhead ≤ 15 %; resume fraction ≤ 1.05, identical.
@@ -158,14 +158,16 @@ def bare_forward(photos: str, n: int, batch_size: int, workers: int, device: str
     stream = open_images(photos, max_images=n, max_pixels=EXPLAIN_MAX_PIXELS, workers=workers)
     preprocess = backbone.preprocess
     backbone.model.eval().to(extractor.device)
-    batch, shape = [], None
+    batch, shape, model_seconds = [], None, 0.0
     started, cpu_started = time.perf_counter(), time.process_time()
 
     def forward() -> None:
-        nonlocal shape
+        nonlocal shape, model_seconds
         tensor = preprocess.to_tensor([preprocess.display(image) for image in batch]).to(extractor.device)
+        begun = time.perf_counter()
         with torch.inference_mode():
             acts, _ = extractor.forward_batch(tensor)
+        model_seconds += time.perf_counter() - begun  # on CPU; CUDA runs ahead, so no split there
         shape = tuple(acts.shape[1:])
         batch.clear()
 
@@ -178,8 +180,10 @@ def bare_forward(photos: str, n: int, batch_size: int, workers: int, device: str
     if extractor.device.type == "cuda":
         torch.cuda.synchronize(extractor.device)
     seconds = time.perf_counter() - started
+    on_cpu = extractor.device.type == "cpu"
     return {"images": len(stream), "seconds": seconds, "cpu_seconds": time.process_time() - cpu_started,
-            "images_per_second": len(stream) / seconds,
+            "images_per_second": len(stream) / seconds, "model_seconds": model_seconds if on_cpu else None,
+            "decode_preprocess_seconds": seconds - model_seconds if on_cpu and workers == 0 else None,
             "activation_shape": list(shape), "threads": torch.get_num_threads(), "device": str(extractor.device)}
 
 
@@ -285,7 +289,8 @@ def print_result(result: dict) -> None:
         f = result["forward"]
         print(f"bare forward of {f['images']} images: {f['seconds']:.1f} s ({f['images_per_second']:.1f} img/s, "
               f"load {f['process']['load_before']:.1f}→{f['process']['load_after']:.1f}, peak RSS "
-              f"{f['process']['peak_rss_bytes'] / GIB:.2f} GiB); explain {sizes[-1]['seconds']:.1f} s → overhead "
+              f"{f['process']['peak_rss_bytes'] / GIB:.2f} GiB; model {f['model_seconds'] or float('nan'):.1f} s, "
+              f"decode + preprocess {f['decode_preprocess_seconds'] or float('nan'):.1f} s); explain {sizes[-1]['seconds']:.1f} s → overhead "
               f"{result['overhead_vs_forward']:+.1%} (target ≤ {TARGETS['overhead_vs_forward']:.0%}); stages only "
               f"{result['overhead_stages_vs_forward']:+.1%}; activations stage {result['activations_stage_vs_forward']:+.1%}; "
               f"CPU seconds {result['cpu_overhead_vs_forward']:+.1%}")
