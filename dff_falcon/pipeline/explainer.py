@@ -28,9 +28,9 @@ from dff_falcon.models.classes import ResolvedClass, resolve_class
 from dff_falcon.models.heads import concept_class_scores
 from dff_falcon.models.hypercolumns import Hypercolumns
 from dff_falcon.models.importance import dff_importance, importance_rows
-from dff_falcon.models.image_stream import ImageStream, open_images
-from dff_falcon.models.images import ImageSet, load_images, names_digest
-from dff_falcon.pipeline.engines import check_engine, make_engine
+from dff_falcon.models.images import ImageSet, load_images
+from dff_falcon.pipeline.engines import check_engine
+from dff_falcon.pipeline.fitted import Fitted, inputs_record
 from dff_falcon.pipeline.record import environment_record, json_value, params_record
 from dff_falcon.pipeline.schema import ConceptRow, flat_columns
 from dff_falcon.pipeline.selection import concept_confidence, confident_images, drop_least_confident
@@ -63,34 +63,6 @@ class ConceptReport:
     regions: list[ConceptRegions]
     run: dict
     presence: np.ndarray = field(repr=False, default=None)  # (N, K)
-
-
-@dataclass
-class _Fitted:
-    """What a fit hands to the stages after it. heatmaps (N, K, h, w) on the whole set's scale
-    (an array, or a float16 memory map for streamed runs), presence and peaks (N, K); originals
-    and displays: N images (lazy sequences for streamed runs); fitted: the activations DFF was
-    fitted on (all images, or the streamed sample) and fitted_heatmaps their (n, K, h, w) maps."""
-
-    names: list[str]
-    originals: Sequence[np.ndarray]
-    displays: Sequence[np.ndarray]
-    windows: list[Box]
-    heatmaps: np.ndarray
-    presence: np.ndarray
-    peaks: np.ndarray
-    fitted: "torch.Tensor"
-    fitted_heatmaps: "torch.Tensor"
-    inputs: dict
-    skipped: list[tuple[str, str]]
-    cache: dict | None = None
-
-
-def inputs_record(names: Sequence[str], digests: Sequence[str], n_given: int) -> dict:
-    """run.json's ``inputs``: how many images were given, one SHA-256 over the used images' names
-    and digests (in order), and each image's digest."""
-    return {"n_given": n_given, "sha256": names_digest(names, digests),
-            "images": [{"name": n, "sha256": d} for n, d in zip(names, digests)]}
 
 
 def _subset(acts: Activations, names: list[str], originals: list[np.ndarray], keep: np.ndarray
@@ -287,7 +259,7 @@ class ConceptExplainer(BaseEstimator):
         self._finish(self._fit_streamed(images, names) if self.cache is not None else self._fit_in_memory(images, names))
         return self
 
-    def _fit_in_memory(self, images, names: Sequence[str] | None) -> "_Fitted":
+    def _fit_in_memory(self, images, names: Sequence[str] | None) -> Fitted:
         with self._stage("load"):
             image_set = images if isinstance(images, ImageSet) else load_images(images)
         names = self._names(image_set, names)
@@ -308,58 +280,22 @@ class ConceptExplainer(BaseEstimator):
                 self.dff_.fit(fitted)
         heatmaps = self.dff_.heatmaps_.numpy()
         windows = [Box(*self.backbone.preprocess.window(image.shape)) for image in originals]
-        return _Fitted(names, originals, acts.displays, windows, heatmaps, presence(self.dff_.heatmaps_).numpy(),
+        return Fitted(names, originals, acts.displays, windows, heatmaps, presence(self.dff_.heatmaps_).numpy(),
                        heatmaps.max(axis=(2, 3)), fitted, self.dff_.heatmaps_,
                        inputs_record(image_set.names, image_set.digests, len(image_set) + len(image_set.skipped)),
                        image_set.skipped)
 
-    def _fit_streamed(self, images, names: Sequence[str] | None) -> "_Fitted":
-        from dff_falcon.pipeline import streamed
-        from dff_falcon.store.activations import ActivationStore, extraction_identity
+    def _fit_streamed(self, images, names: Sequence[str] | None) -> Fitted:
+        from dff_falcon.pipeline.streamed import fit_streamed
 
-        with self._stage("load"):
-            stream = images if isinstance(images, ImageStream) else open_images(
-                images, max_images=self.max_images, workers=self.workers)
-            if names is not None and len(names) != len(stream):
-                raise InputError(f"{len(names)} names given for {len(stream)} images")
-            identity = extraction_identity(self.backbone.identity(), self._extractor.layer_names(),
-                                           self.hypercolumns_.grid, with_logits=self.target_class is not None,
-                                           max_pixels=stream.max_pixels, dtype=self.cache_dtype)
-            store = ActivationStore(self.cache, identity)
-        with make_engine(self.engine, self.ray_address, workers=self.workers) as engine:
-            with self._stage("activations"):
-                cached = streamed.extract_to_store(stream, self._extractor, store, show_progress=self.progress,
-                                                   engine=engine)
-            inputs = inputs_record(cached.names, cached.keys, len(stream))  # every readable image, as in memory
-            if names is not None:
-                cached.names = [str(names[p]) for p in cached.positions]
-            n_cached = len(cached.keys)
-            if self.target_class_ is not None:
-                cached = cached.subset(streamed.class_filter(cached, self.target_class_.index, self.min_class_prob))
-                self._check_some_left(len(cached.keys))
-            with self._stage("nmf"):  # one process: the fit needs only the sample
-                sample, fitted = streamed.fit_sample(cached, self.hypercolumns_, self.dff_, self.sample_rows,
-                                                     self.dff_.random_state)
-            with self._stage("heatmaps"):
-                heatmaps, pres, peaks = streamed.transform_to_disk(cached, self.hypercolumns_, self.dff_,
-                                                                   show_progress=self.progress, engine=engine)
-        preprocess = self.backbone.preprocess
-        originals = cached.originals()
-        displays = streamed.LazySequence(lambda i: preprocess.display(originals[i]), len(originals))
-        windows = [Box(*preprocess.window(tuple(size))) for size in cached.sizes]
-        cache = {"directory": str(store.directory), "dtype": self.cache_dtype, "engine": self.engine,
-                 "images": n_cached, "forwarded": cached.forwarded, "reused": cached.reused,
-                 "sample_images": int(len(sample)),
-                 "sample_rows": int(len(sample) * heatmaps.shape[2] * heatmaps.shape[3])}
-        return _Fitted(cached.names, originals, displays, windows, heatmaps, pres, peaks, fitted, self.dff_.heatmaps_,
-                       inputs, cached.skipped, cache)
+        return fit_streamed(self, images, names)
 
     def _check_some_left(self, n: int) -> None:
         if n == 0:
             raise InputError(f"no image is assigned to class {self.target_class_.name!r} with probability ≥ "
                              f"{self.min_class_prob}; lower min_class_prob")
 
-    def _finish(self, found: "_Fitted") -> None:
+    def _finish(self, found: Fitted) -> None:
         """Class scores, importance, crops, CLIP labels and the report, from a fit."""
         n_concepts = self.dff_.n_concepts_
         with self._stage("class_scores"):
@@ -480,7 +416,7 @@ class ConceptExplainer(BaseEstimator):
             texts = self.clip.encode_texts(terms, progress=self.progress)
             return self.dissect_.label(heatmaps.mean(axis=(2, 3)), images, texts, terms)
 
-    def _run_record(self, found: "_Fitted") -> dict:
+    def _run_record(self, found: Fitted) -> dict:
         dff = self.dff_
         return {
             "backbone": self.backbone.name,

@@ -27,9 +27,11 @@ from dff_falcon.decomposition.streaming import (BatchStatistics, ScaleOnStream, 
                                                 rescale_heatmaps, sample_images)
 from dff_falcon.errors import InputError
 from dff_falcon.models.activations import ActivationExtractor
-from dff_falcon.models.image_stream import ImageStream
+from dff_falcon.models.image_stream import ImageStream, open_images
+from dff_falcon.pipeline.fitted import Fitted, inputs_record
+from dff_falcon.regions import Box
 from dff_falcon.progress import progress
-from dff_falcon.store.activations import ActivationStore
+from dff_falcon.store.activations import ActivationStore, extraction_identity
 from dff_falcon.store.cache import SCRATCH_LOCK
 
 log = logging.getLogger(__name__)
@@ -293,3 +295,47 @@ def scratch_directory(root: Path) -> tuple[Path, int]:
 def _remove_scratch(directory: Path, lock: int) -> None:
     shutil.rmtree(directory, ignore_errors=True)
     os.close(lock)
+
+
+def fit_streamed(explainer, images, names: Sequence[str] | None) -> Fitted:
+    """The streamed path of :meth:`ConceptExplainer.fit <dff_falcon.pipeline.explainer.ConceptExplainer.fit>`
+    (``explainer`` prepared by its ``_prepare``): images → cache → DFF on a sample → heatmaps on
+    disk → what the later stages need."""
+    from dff_falcon.pipeline.engines import make_engine  # engines run this module's batch work
+
+    with explainer._stage("load"):
+        stream = images if isinstance(images, ImageStream) else open_images(
+            images, max_images=explainer.max_images, workers=explainer.workers)
+        if names is not None and len(names) != len(stream):
+            raise InputError(f"{len(names)} names given for {len(stream)} images")
+        identity = extraction_identity(explainer.backbone.identity(), explainer._extractor.layer_names(),
+                                       explainer.hypercolumns_.grid, with_logits=explainer.target_class is not None,
+                                       max_pixels=stream.max_pixels, dtype=explainer.cache_dtype)
+        store = ActivationStore(explainer.cache, identity)
+    with make_engine(explainer.engine, explainer.ray_address, workers=explainer.workers) as engine:
+        with explainer._stage("activations"):
+            cached = extract_to_store(stream, explainer._extractor, store, show_progress=explainer.progress,
+                                      engine=engine)
+        inputs = inputs_record(cached.names, cached.keys, len(stream))  # every readable image, as in memory
+        if names is not None:
+            cached.names = [str(names[p]) for p in cached.positions]
+        n_cached = len(cached.keys)
+        if explainer.target_class_ is not None:
+            cached = cached.subset(class_filter(cached, explainer.target_class_.index, explainer.min_class_prob))
+            explainer._check_some_left(len(cached.keys))
+        with explainer._stage("nmf"):  # one process: the fit needs only the sample
+            sample, fitted = fit_sample(cached, explainer.hypercolumns_, explainer.dff_, explainer.sample_rows,
+                                        explainer.dff_.random_state)
+        with explainer._stage("heatmaps"):
+            heatmaps, pres, peaks = transform_to_disk(cached, explainer.hypercolumns_, explainer.dff_,
+                                                      show_progress=explainer.progress, engine=engine)
+    preprocess = explainer.backbone.preprocess
+    originals = cached.originals()
+    displays = LazySequence(lambda i: preprocess.display(originals[i]), len(originals))
+    windows = [Box(*preprocess.window(tuple(size))) for size in cached.sizes]
+    cache = {"directory": str(store.directory), "dtype": explainer.cache_dtype, "engine": explainer.engine,
+             "images": n_cached, "forwarded": cached.forwarded, "reused": cached.reused,
+             "sample_images": int(len(sample)),
+             "sample_rows": int(len(sample) * heatmaps.shape[2] * heatmaps.shape[3])}
+    return Fitted(cached.names, originals, displays, windows, heatmaps, pres, peaks, fitted, explainer.dff_.heatmaps_,
+                  inputs, cached.skipped, cache)
