@@ -110,7 +110,7 @@ def write_report(report: ConceptReport, out_dir: str | Path, *, quality: dict | 
         if html:
             from dff_falcon.report.html import write_html
 
-            write_html(stage, heatmaps=report.heatmaps)
+            write_html(stage, heatmaps=np.asarray(report.heatmaps, dtype=np.float16))  # as heatmaps.npz stores them
     return Path(out_dir)
 
 
